@@ -1,0 +1,226 @@
+"""Structured configs: the schema every Hydra run is validated against.
+
+The dataclasses are registered in Hydra's ConfigStore as ``ptq_schema`` (the
+root) and as ``<group>/schema`` nodes. ``conf/config.yaml`` extends the root
+schema, so an unknown key or a wrong type fails while composing, before any
+model or data is touched. Value ranges (``wbits=0``, ``momentum=2``...) are
+checked by :func:`validate`, called first thing in the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A configuration value is impossible; the message is one line naming key and allowed values."""
+
+
+@dataclass
+class ModelConfig:
+    """Which network is quantized. ``weights_path`` loads a local state dict instead of the default."""
+
+    name: str = "tiny_digits"
+    weights: Optional[str] = None  # torchvision weights enum name, e.g. IMAGENET1K_V1
+    weights_path: Optional[str] = None
+    pretrained: bool = True  # False: random init (tests of the ImageNet path)
+
+
+@dataclass
+class DataConfig:
+    """Evaluation and calibration data. ``eval_images=null`` evaluates the whole split."""
+
+    name: str = "digits"
+    root: Optional[str] = None
+    eval_images: Optional[int] = None
+    batch_size: int = 128
+    num_workers: int = 0
+    image_size: int = 24
+
+
+@dataclass
+class WQuantConfig:
+    """Weight quantizer: ``none``, ``absmax`` (per-channel, nearest) or ``adaround``."""
+
+    name: str = "absmax"
+
+
+@dataclass
+class AQuantConfig:
+    """Activation quantizer: ``none`` (A32) or ``movavg`` (per-tensor moving-average absmax)."""
+
+    name: str = "movavg"
+    momentum: float = 0.95
+    calib_images: int = 2048
+    calib_batch_size: int = 128
+    quant_io: bool = True  # input-image and final-LayerNorm-output quantizers (seed left them out)
+
+
+@dataclass
+class SoftmaxConfig:
+    n: int = 15
+    out_bits: int = 8
+
+
+@dataclass
+class GeluConfig:
+    n: int = 23
+    sig_bits: int = 8
+
+
+@dataclass
+class NonlinearConfig:
+    """Backend of Softmax, GELU and LayerNorm: ``fp`` (float) or ``ivit`` (integer kernels)."""
+
+    name: str = "fp"
+    softmax: SoftmaxConfig = field(default_factory=SoftmaxConfig)
+    gelu: GeluConfig = field(default_factory=GeluConfig)
+    idadd_bits: int = 16
+    audit: bool = False  # record largest |integer| per quantized tensor; fail on overflow
+
+
+@dataclass
+class GranularityConfig:
+    """AdaRound reconstruction unit: ``layer``, ``block``, ``encoder`` or ``model``."""
+
+    name: str = "layer"
+
+
+@dataclass
+class AdaRoundConfig:
+    """AdaRound hyperparameters (defaults: the original experiments, see spec/adaround.md)."""
+
+    lr: float = 1e-2
+    iters: int = 10000
+    batch_size: int = 32
+    calib_images: int = 1024
+    reg_weight: float = 1.0
+    warmup: float = 0.05
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    early_stop: float = 1e-5
+
+
+@dataclass
+class LSQConfig:
+    enabled: bool = True
+    lr: float = 4e-5
+
+
+@dataclass
+class TrackingConfig:
+    """Weights & Biases settings; ``mode`` defaults to $WANDB_MODE or offline."""
+
+    mode: str = "${oc.env:WANDB_MODE,offline}"
+    project: str = "ptq"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    dir: Optional[str] = None
+
+
+@dataclass
+class Config:
+    """Root config of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wquant: WQuantConfig = field(default_factory=WQuantConfig)
+    aquant: AQuantConfig = field(default_factory=AQuantConfig)
+    nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)
+    granularity: GranularityConfig = field(default_factory=GranularityConfig)
+    adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+    lsq: LSQConfig = field(default_factory=LSQConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    wbits: int = 8
+    abits: int = 8
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: str = "outputs/.cache"
+    export: bool = False
+    debug_name: Optional[str] = None
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.name": ("tiny_digits", "vit_b_16"),
+    "data.name": ("digits", "imagenet"),
+    "wquant.name": ("none", "absmax", "adaround"),
+    "aquant.name": ("none", "movavg"),
+    "nonlinear.name": ("fp", "ivit"),
+    "granularity.name": ("layer", "block", "encoder", "model"),
+    "device": ("auto", "cpu", "cuda"),
+    "tracking.mode": ("online", "offline", "disabled"),
+}
+
+
+def register_configs() -> None:
+    """Register the schema nodes with Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="ptq_schema", node=Config)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("wquant", WQuantConfig),
+        ("aquant", AQuantConfig),
+        ("nonlinear", NonlinearConfig),
+        ("granularity", GranularityConfig),
+        ("tracking", TrackingConfig),
+    ]:
+        cs.store(group=group, name="schema", node=node)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def validate(cfg: Any) -> None:
+    """Check value ranges and combinations; raise :class:`ConfigError` with one line on the first bad key."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+    def check(key: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not allowed; allowed: {allowed}")
+
+    check("wbits", 2 <= cfg.wbits <= 8, "an integer from 2 to 8")
+    check("abits", 2 <= cfg.abits <= 16, "an integer from 2 to 16")
+    check("aquant.momentum", 0.0 <= cfg.aquant.momentum < 1.0, "a number in [0, 1)")
+    check("aquant.calib_images", cfg.aquant.calib_images >= 1, "a positive number of images")
+    check("aquant.calib_batch_size", cfg.aquant.calib_batch_size >= 1, "a positive batch size")
+    check("data.batch_size", cfg.data.batch_size >= 1, "a positive batch size")
+    check("data.num_workers", cfg.data.num_workers >= 0, "zero or more workers")
+    check("data.eval_images", cfg.data.eval_images is None or cfg.data.eval_images >= 1,
+          "null (the whole split) or a positive number of images")
+    check("nonlinear.softmax.n", 1 <= cfg.nonlinear.softmax.n <= 30, "an integer from 1 to 30")
+    check("nonlinear.softmax.out_bits", 2 <= cfg.nonlinear.softmax.out_bits <= 16, "an integer from 2 to 16")
+    check("nonlinear.gelu.n", 1 <= cfg.nonlinear.gelu.n <= 30, "an integer from 1 to 30")
+    check("nonlinear.gelu.sig_bits", 2 <= cfg.nonlinear.gelu.sig_bits <= 16, "an integer from 2 to 16")
+    check("nonlinear.idadd_bits", 8 <= cfg.nonlinear.idadd_bits <= 24, "an integer from 8 to 24")
+    ada = cfg.adaround
+    check("adaround.lr", ada.lr > 0, "a positive learning rate")
+    check("adaround.iters", ada.iters >= 1, "a positive number of iterations")
+    check("adaround.batch_size", ada.batch_size >= 1, "a positive batch size")
+    check("adaround.calib_images", ada.calib_images >= 1, "a positive number of images")
+    check("adaround.reg_weight", ada.reg_weight >= 0, "a non-negative weight")
+    check("adaround.warmup", 0.0 <= ada.warmup < 1.0, "a fraction in [0, 1)")
+    check("adaround.beta_start", ada.beta_start >= ada.beta_end > 0, "beta_start >= beta_end > 0")
+    check("adaround.early_stop", ada.early_stop >= 0, "a non-negative threshold")
+    check("lsq.lr", cfg.lsq.lr > 0, "a positive learning rate")
+    if cfg.nonlinear.name == "ivit" and (cfg.aquant.name == "none" or cfg.wquant.name == "none"):
+        raise ConfigError(
+            "nonlinear=ivit needs integer tensors: use it with aquant=movavg and a weight quantizer "
+            f"(got wquant={cfg.wquant.name}, aquant={cfg.aquant.name})"
+        )
+    if cfg.model.name == "vit_b_16" and cfg.data.name != "imagenet":
+        raise ConfigError(f"model=vit_b_16 needs data=imagenet (got data={cfg.data.name})")
+    if cfg.model.name == "tiny_digits" and cfg.data.name != "digits":
+        raise ConfigError(f"model=tiny_digits needs data=digits (got data={cfg.data.name})")
+

@@ -1,0 +1,65 @@
+"""Names of a configuration: the run/row name and the seed-table labels.
+
+This module is the single source of truth for how a configuration is called,
+used by the run's summary line, W&B run names and the results table.
+
+A *row* is the dict stored under ``metrics.json["row"]``::
+
+    {"model": "tiny_digits", "data": "digits", "wquant": "absmax" | "adaround" | "none",
+     "wbits": 4, "aquant": "movavg" | "none", "abits": 8, "nonlinear": "fp" | "ivit",
+     "granularity": None | "layer" | "block" | "encoder" | "model",
+     "lsq": bool, "quant_io": bool,
+     "softmax": {"n": 15, "out_bits": 8}, "gelu": {"n": 23, "sig_bits": 8},
+     "idadd_bits": 16}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+FLOAT_BITS = 32
+
+
+def effective_bits(row: Mapping[str, Any]) -> tuple[int, int]:
+    """(W, A) bit widths as the seed table prints them: 32 where a quantizer is off."""
+    w = int(row["wbits"]) if row.get("wquant", "none") != "none" else FLOAT_BITS
+    a = int(row["abits"]) if row.get("aquant", "none") != "none" else FLOAT_BITS
+    return w, a
+
+
+def row_name(row: Mapping[str, Any]) -> str:
+    """Short unique name of a configuration, e.g. ``W4A8-adaround-block-ivit``."""
+    w, a = effective_bits(row)
+    parts = [f"W{w}A{a}", str(row.get("wquant", "none"))]
+    if row.get("wquant") == "adaround" and row.get("granularity"):
+        parts.append(str(row["granularity"]))
+        if row.get("lsq") and row.get("aquant", "none") != "none":
+            parts.append("lsq")
+    parts.append(str(row.get("nonlinear", "fp")))
+    if row.get("quant_io") is False:
+        parts.append("noio")
+    if row.get("model", "tiny_digits") != "tiny_digits":
+        parts.insert(0, str(row["model"]))
+    return "-".join(parts)
+
+
+def nonlinear_labels(row: Mapping[str, Any]) -> dict[str, str]:
+    """Seed-table labels of the nonlinear columns: ``FP`` or ``I[b8,n15]``-style."""
+    if row.get("nonlinear", "fp") != "ivit":
+        return {"SoftMax": "FP", "GELU": "FP", "LN": "FP", "IdAdd": "FP"}
+    sm = row.get("softmax") or {}
+    ge = row.get("gelu") or {}
+    return {
+        "SoftMax": f"I[b{sm.get('out_bits', 8)},n{sm.get('n', 15)}]",
+        "GELU": f"I[b{ge.get('sig_bits', 8)},n{ge.get('n', 23)}]",
+        "LN": "I[b8]",
+        "IdAdd": str(row.get("idadd_bits", 16)),
+    }
+
+
+def summary_line(name: str, metrics: Mapping[str, Any]) -> str:
+    """The one line a run prints at the end."""
+    return (
+        f"{name}  acc1={metrics['acc1']:.2f}  acc5={metrics['acc5']:.2f}  "
+        f"(fp {metrics['fp_acc1']:.2f})  agree={metrics['agreement']:.2f}  kl={metrics['kl']:.3g}"
+    )

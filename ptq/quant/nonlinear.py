@@ -1,0 +1,73 @@
+"""Nonlinear-op backends: Softmax, GELU and LayerNorm of the quantized ViT.
+
+``fp`` runs the float op on the dequantized input; ``ivit`` runs the integer
+kernels of ``ptq.quant.ivit`` on the integer tensors (Shiftmax, ShiftGELU,
+I-LayerNorm). Where an input is not integer (calibration, A32) the ``ivit``
+backend falls back to the float op. In training, the integer kernels pass
+the float op's gradient straight through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptq.quant import audit, ivit
+from ptq.quant.qtensor import QTensor, ste_attach
+from ptq.quant.quantizers import ActQuantizer
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which implementation of the nonlinear ops, and the integer kernels' settings."""
+
+    name: str = "fp"
+    softmax_n: int = 15
+    softmax_out_bits: int = 8
+    gelu_n: int = 23
+    gelu_sig_bits: int = 8
+
+    @property
+    def integer(self) -> bool:
+        return self.name == "ivit"
+
+    def softmax(self, x: QTensor, out_q: ActQuantizer, name: str = "softmax") -> QTensor:
+        """Attention probabilities; the ivit output is UINT(out_bits) at scale 2^-(out_bits-1)."""
+        if self.integer and x.integer:
+            with torch.no_grad():
+                p, s = ivit.shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, self.softmax_out_bits)
+            audit.record(name, p, self.softmax_out_bits, signed=False)
+            s = s.to(torch.float32)
+            soft = F.softmax(x.real(), dim=-1) / s if torch.is_grad_enabled() else None
+            v = ste_attach(p, soft) if soft is not None else p.to(torch.float32)
+            return QTensor(v, s, self.softmax_out_bits, signed=False)
+        return out_q(QTensor.from_float(F.softmax(x.real(), dim=-1)))
+
+    def gelu(self, x: QTensor, out_q: ActQuantizer, name: str = "gelu") -> QTensor:
+        """GELU, requantized by ``out_q`` (INT8 at W?A8)."""
+        if self.integer and x.integer:
+            with torch.no_grad():
+                g, s = ivit.shift_gelu(x.v.detach(), x.s.detach(), self.gelu_n, self.gelu_sig_bits)
+            audit.record(name, g, 32)
+            s = s.to(torch.float32)
+            soft = F.gelu(x.real()) / s if torch.is_grad_enabled() else None
+            v = ste_attach(g, soft) if soft is not None else g.to(torch.float32)
+            return out_q(QTensor(v, s, 32))
+        return out_q(QTensor.from_float(F.gelu(x.real())))
+
+    def layernorm(self, x: QTensor, ln: nn.LayerNorm, out_q: ActQuantizer, name: str = "ln") -> QTensor:
+        """LayerNorm of the residual stream (INT16 in), requantized by ``out_q`` (INT8)."""
+        if self.integer and x.integer:
+            with torch.no_grad():
+                y, s = ivit.int_layernorm(x.v.detach(), x.s.detach(), ln.weight.detach(), ln.bias.detach())
+            audit.record(name, y, 32)
+            s = s.to(torch.float32)
+            if torch.is_grad_enabled():
+                soft = F.layer_norm(x.real(), ln.normalized_shape, ln.weight, ln.bias, ln.eps) / s
+                y = ste_attach(y, soft)
+            # no grad: y stays int64, since |y| reaches 2**30 and float32 holds integers only to 2**24
+            return out_q(QTensor(y, s, 32))
+        return out_q(QTensor.from_float(F.layer_norm(x.real(), ln.normalized_shape, ln.weight, ln.bias, ln.eps)))

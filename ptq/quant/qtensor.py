@@ -1,0 +1,87 @@
+"""The value that flows through a quantized ViT, and the rounding primitives.
+
+A :class:`QTensor` is a pair ``(v, s)`` whose real value is ``v * s``. When
+``bits`` is set, ``v`` holds integers (stored in a float tensor so autograd
+can pass through) at scale ``s``: a scalar, or a vector over the last dim
+(per channel). When ``bits`` is None the pair is an ordinary float tensor.
+Keeping integers and scales apart is what lets the simulation compute what
+integer hardware computes (dyadic requantization, integer kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
+    """Integer range of a ``bits``-wide tensor: signed [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b-1]."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def qmax(bits: int, signed: bool = True) -> int:
+    """Largest positive integer of the range: what an absmax scale maps the absmax to."""
+    return qrange(bits, signed)[1]
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round half to even in the forward pass, identity gradient (straight-through)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: Tensor, factor: float) -> Tensor:
+    """Same value as ``x``, gradient multiplied by ``factor`` (LSQ's step-size gradient scaling)."""
+    scaled = x * factor
+    return scaled + (x - scaled).detach()
+
+
+def ste_attach(exact: Tensor, soft: Tensor) -> Tensor:
+    """Forward value of ``exact``, gradient of ``soft``: how integer kernels stay trainable."""
+    if not soft.requires_grad:
+        return exact.to(soft.dtype)
+    return soft + (exact.to(soft.dtype) - soft).detach()
+
+
+def as_scale(s: Tensor | float, like: Optional[Tensor] = None) -> Tensor:
+    """A float32 scale tensor (0-d or per channel) on ``like``'s device."""
+    device = like.device if like is not None else None
+    if isinstance(s, Tensor):
+        return s.to(device=device, dtype=torch.float32) if device is not None else s.float()
+    return torch.tensor(float(s), dtype=torch.float32, device=device)
+
+
+@dataclass
+class QTensor:
+    """Integers (or floats) ``v`` at scale ``s``; ``bits`` is None for an unquantized float tensor."""
+
+    v: Tensor
+    s: Tensor
+    bits: Optional[int] = None
+    signed: bool = True
+
+    @staticmethod
+    def from_float(x: Tensor) -> QTensor:
+        """Wrap a float tensor (scale 1, not quantized)."""
+        return QTensor(x, torch.ones((), dtype=torch.float32, device=x.device), None)
+
+    @property
+    def integer(self) -> bool:
+        """True when ``v`` holds integers (a quantized tensor or an integer accumulator)."""
+        return self.bits is not None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.s.dim() > 0 and self.s.numel() > 1
+
+    def real(self) -> Tensor:
+        """Dequantized value ``v * s`` in float32."""
+        return self.v.float() * self.s
+
+    def dequant(self) -> QTensor:
+        """The same value as a plain float QTensor."""
+        return QTensor.from_float(self.real())

@@ -1,0 +1,291 @@
+"""Quantized torchvision ``VisionTransformer`` of any size (see spec/quantized-vit.md).
+
+The float model's parameters are copied into a module tree whose units are
+the reconstruction units of AdaRound::
+
+    QuantViT
+      embed   QPatchEmbed   input quantizer -> patchify linear -> + cls, + pos -> residual (A16)
+      blocks  [QBlock]      attn: QAttention (LN1 .. out proj, + residual add)
+                            mlp:  QMLP       (LN2 .. fc2, + residual add)
+      head    QHead         final LN (A8) on the class token -> head linear -> float logits
+
+Every tensor between two integer operations is a :class:`QTensor`. Integer
+accumulators are computed exactly (float32 matmuls of integers split so
+that every partial sum stays below 2**24, summed in float64) and joined to
+the next layer by dyadic requantization.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+from ptq.quant import audit
+from ptq.quant.nonlinear import Backend
+from ptq.quant.qtensor import QTensor, qrange, round_ste
+from ptq.quant.quantizers import ActQuantizer, WeightQuantizer
+
+FLOAT32_EXACT = 2**24
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """What a QuantViT quantizes: widths (None = float), moving-average momentum, I/O quantizers, backend."""
+
+    wbits: Optional[int] = 8
+    abits: Optional[int] = 8
+    idadd_bits: int = 16
+    momentum: float = 0.95
+    quant_io: bool = True
+    backend: Backend = field(default_factory=Backend)
+
+    def act(self, bits: Optional[int] = None, signed: bool = True, enabled: bool = True) -> ActQuantizer:
+        """A new activation quantizer (A``abits`` unless ``bits`` is given)."""
+        width = bits if bits is not None else (self.abits or 8)
+        return ActQuantizer(width, signed, self.momentum, enabled=enabled and self.abits is not None)
+
+
+def _magnitude(bits: Optional[int], signed: bool) -> int:
+    lo, hi = qrange(bits, signed)
+    return max(-lo, hi)
+
+
+def exact_matmul(a: Tensor, b: Tensor, a_max: int, b_max: int) -> Tensor:
+    """``a @ b`` for integer-valued tensors, exact, as float64.
+
+    float32 sums integers exactly while every partial sum stays below 2**24,
+    so K is split into chunks of at most 2**24 / (a_max * b_max) terms, each
+    chunk multiplied in float32 and the chunks summed in float64.
+    ``a``: [..., T, K]; ``b``: [..., K, N] (broadcasting batch dims).
+    """
+    k = a.shape[-1]
+    chunk = max(1, FLOAT32_EXACT // max(1, a_max * b_max))
+    a32, b32 = a.float(), b.float()
+    if k <= chunk:
+        return (a32 @ b32).double()
+    n = math.ceil(k / chunk)
+    pad = n * chunk - k
+    a32 = F.pad(a32, (0, pad)).unflatten(-1, (n, chunk)).movedim(-2, -3)  # [..., n, T, chunk]
+    b32 = F.pad(b32, (0, 0, 0, pad)).unflatten(-2, (n, chunk))  # [..., n, chunk, N]
+    return (a32 @ b32).double().sum(-3)
+
+
+def int_matmul(a: QTensor, b: QTensor, scale: float = 1.0) -> QTensor:
+    """Product of two per-tensor quantized operands: an integer accumulator when both are integer."""
+    s = a.s * b.s * scale
+    if a.integer and b.integer and not torch.is_grad_enabled():
+        acc = exact_matmul(a.v, b.v, _magnitude(a.bits, a.signed), _magnitude(b.bits, b.signed))
+        return QTensor(acc, s, 32)
+    return QTensor(a.v.float() @ b.v.float(), s, 32 if a.integer and b.integer else None)
+
+
+class QLinear(nn.Module):
+    """Linear layer with a per-channel weight quantizer and an INT32 bias.
+
+    Returns the accumulator ``x @ W_int^T + b_int`` at per-channel scale
+    ``s_x * s_w``; the caller requantizes it (or adds it to the residual).
+    """
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], wbits: Optional[int]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.wq: Optional[WeightQuantizer] = None if wbits is None else WeightQuantizer(self.weight, wbits)
+        self.name = ""
+
+    def quantized_weight(self) -> tuple[Tensor, Tensor, bool]:
+        """(integer weight, per-channel scale, whether it holds exact integers)."""
+        if self.wq is None:
+            return self.weight, torch.ones((), device=self.weight.device), False
+        return self.wq(self.weight), self.wq.scale, self.wq.integer
+
+    def forward(self, x: QTensor) -> QTensor:
+        if x.per_channel:
+            x = x.dequant()
+        w, s_w, w_int = self.quantized_weight()
+        integer = x.integer and w_int
+        s_acc = x.s * s_w
+        if integer and not torch.is_grad_enabled():
+            acc = exact_matmul(x.v, w.t(), _magnitude(x.bits, x.signed), _magnitude(self.wq.bits, True))
+            if self.bias is not None:
+                qb = torch.round(self.bias.double() / s_acc.double()).clamp(-INT32_MAX, INT32_MAX)
+                audit.record(self.name + ".bias", qb, 32)
+                acc = acc + qb
+            audit.record(self.name + ".acc", acc, 32)
+            return QTensor(acc, s_acc, 32)
+        acc = x.v.float() @ w.t()
+        if self.bias is not None:
+            b = self.bias / s_acc
+            acc = acc + (round_ste(b) if integer else b)
+        return QTensor(acc, s_acc, 32 if integer else None)
+
+
+def _copy_ln(ln: nn.LayerNorm) -> nn.LayerNorm:
+    out = nn.LayerNorm(ln.normalized_shape, eps=ln.eps)
+    out.load_state_dict(ln.state_dict())
+    out.requires_grad_(False)
+    return out
+
+
+class QPatchEmbed(nn.Module):
+    """Input quantizer, patchify conv as a linear over patches, class token and position embedding."""
+
+    def __init__(self, model: VisionTransformer, st: QuantSettings) -> None:
+        super().__init__()
+        conv = model.conv_proj
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError("only the plain patchify conv_proj is supported (no conv stem)")
+        self.patch = model.patch_size
+        self.in_q = st.act(enabled=st.quant_io)
+        self.proj = QLinear(conv.weight.flatten(1), conv.bias, st.wbits)
+        pos = model.encoder.pos_embedding.detach()
+        cls = model.class_token.detach() + pos[:, :1]
+        self.const = nn.Parameter(torch.cat([cls, pos[:, 1:]], dim=1).clone(), requires_grad=False)
+        self.res_q = st.act(st.idadd_bits)
+
+    def forward(self, img: Tensor) -> QTensor:
+        x = self.in_q(QTensor.from_float(img))
+        b, c, h, w = x.v.shape
+        p = self.patch
+        patches = x.v.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        acc = self.proj(QTensor(patches, x.s, x.bits, x.signed))
+        acc = QTensor(F.pad(acc.v, (0, 0, 1, 0)), acc.s, acc.bits)  # zero row where the class token goes
+        return self.res_q.add(acc, QTensor.from_float(self.const))
+
+
+class QAttention(nn.Module):
+    """LN1 -> qkv -> softmax(q k^T / sqrt(d)) v -> out proj, plus the residual add (IdAdd)."""
+
+    def __init__(self, block: nn.Module, st: QuantSettings) -> None:
+        super().__init__()
+        mha = block.self_attention
+        if not mha._qkv_same_embed_dim or not mha.batch_first:
+            raise ValueError("expected torchvision's batch-first self-attention with a packed in_proj")
+        self.heads = mha.num_heads
+        self.backend = st.backend
+        self.ln = _copy_ln(block.ln_1)
+        self.ln_q = st.act()
+        self.qkv = QLinear(mha.in_proj_weight, mha.in_proj_bias, st.wbits)
+        self.q_q, self.k_q, self.v_q = st.act(), st.act(), st.act()
+        self.scores_q = st.act()
+        self.probs_q = st.act(signed=False)
+        self.ctx_q = st.act()
+        self.proj = QLinear(mha.out_proj.weight, mha.out_proj.bias, st.wbits)
+        self.res_q = st.act(st.idadd_bits)
+
+    def forward(self, x: QTensor) -> QTensor:
+        h = self.backend.layernorm(x, self.ln, self.ln_q, self.ln_q.name + ".int")
+        acc = self.qkv(h)
+        b, t, e3 = acc.v.shape
+        e, d = e3 // 3, e3 // 3 // self.heads
+        s_parts = acc.s.chunk(3) if acc.per_channel else (acc.s,) * 3
+        qkv = [
+            quant(QTensor(v, s, acc.bits))
+            for quant, v, s in zip((self.q_q, self.k_q, self.v_q), acc.v.split(e, dim=-1), s_parts)
+        ]
+        q, k, v = (QTensor(z.v.reshape(b, t, self.heads, d).transpose(1, 2), z.s, z.bits, z.signed) for z in qkv)
+        kt = QTensor(k.v.transpose(-2, -1), k.s, k.bits, k.signed)
+        scores = self.scores_q(int_matmul(q, kt, 1.0 / math.sqrt(d)))
+        probs = self.backend.softmax(scores, self.probs_q, self.probs_q.name + ".int")
+        ctx = int_matmul(probs, v)
+        ctx = self.ctx_q(QTensor(ctx.v.transpose(1, 2).reshape(b, t, e), ctx.s, ctx.bits))
+        return self.res_q.add(x, self.proj(ctx))
+
+
+class QMLP(nn.Module):
+    """LN2 -> fc1 -> GELU -> fc2, plus the residual add (IdAdd)."""
+
+    def __init__(self, block: nn.Module, st: QuantSettings) -> None:
+        super().__init__()
+        fc1, fc2 = block.mlp[0], block.mlp[3]
+        self.backend = st.backend
+        self.ln = _copy_ln(block.ln_2)
+        self.ln_q = st.act()
+        self.fc1 = QLinear(fc1.weight, fc1.bias, st.wbits)
+        self.fc1_q = st.act()
+        self.gelu_q = st.act()
+        self.fc2 = QLinear(fc2.weight, fc2.bias, st.wbits)
+        self.res_q = st.act(st.idadd_bits)
+
+    def forward(self, x: QTensor) -> QTensor:
+        h = self.backend.layernorm(x, self.ln, self.ln_q, self.ln_q.name + ".int")
+        g = self.backend.gelu(self.fc1_q(self.fc1(h)), self.gelu_q, self.gelu_q.name + ".int")
+        return self.res_q.add(x, self.fc2(g))
+
+
+class QBlock(nn.Module):
+    """One encoder block: the attention sub-block then the MLP sub-block."""
+
+    def __init__(self, block: nn.Module, st: QuantSettings) -> None:
+        super().__init__()
+        self.attn = QAttention(block, st)
+        self.mlp = QMLP(block, st)
+
+    def forward(self, x: QTensor) -> QTensor:
+        return self.mlp(self.attn(x))
+
+
+class QHead(nn.Module):
+    """Final LayerNorm on the class token (A8 output quantizer) and the classifier; logits stay float."""
+
+    def __init__(self, model: VisionTransformer, st: QuantSettings) -> None:
+        super().__init__()
+        heads = model.heads
+        if len(heads) != 1:
+            raise ValueError("ViTs with a pre-logits layer (representation_size) are not supported")
+        self.backend = st.backend
+        self.ln = _copy_ln(model.encoder.ln)
+        self.ln_q = st.act(enabled=st.quant_io)
+        self.fc = QLinear(heads.head.weight, heads.head.bias, st.wbits)
+
+    def forward(self, x: QTensor) -> Tensor:
+        cls = QTensor(x.v[:, 0], x.s, x.bits, x.signed)
+        h = self.backend.layernorm(cls, self.ln, self.ln_q, self.ln_q.name + ".int")
+        return self.fc(h).real()
+
+
+class QuantViT(nn.Module):
+    """A torchvision VisionTransformer with every quantization point of spec/quantized-vit.md."""
+
+    def __init__(self, model: VisionTransformer, st: QuantSettings) -> None:
+        super().__init__()
+        if not isinstance(model, VisionTransformer):
+            raise TypeError(f"expected torchvision VisionTransformer, got {type(model).__name__}")
+        self.settings = st
+        self.embed = QPatchEmbed(model, st)
+        self.blocks = nn.ModuleList(QBlock(blk, st) for blk in model.encoder.layers)
+        self.head = QHead(model, st)
+        for name, mod in self.named_modules():
+            if isinstance(mod, (ActQuantizer, QLinear)):
+                mod.name = name
+        self.eval()
+
+    def forward(self, img: Tensor) -> Tensor:
+        x = self.embed(img)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+    def act_quantizers(self) -> Iterator[ActQuantizer]:
+        return (m for m in self.modules() if isinstance(m, ActQuantizer))
+
+    def linears(self) -> Iterator[QLinear]:
+        return (m for m in self.modules() if isinstance(m, QLinear))
+
+    def set_mode(self, mode: str) -> None:
+        """Put every activation quantizer in ``off``, ``observe`` or ``quant`` mode."""
+        for q in self.act_quantizers():
+            q.set_mode(mode)
+
+    def freeze(self) -> None:
+        """End calibration: fix every scale from its moving average and start quantizing."""
+        for q in self.act_quantizers():
+            q.freeze()
+        self.set_mode("quant")

@@ -1,0 +1,65 @@
+"""Shared fixtures: compose the real Hydra config in-process, small fake ViTs, subprocess CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from ptq.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(2)
+register_configs()
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose ``conf/config.yaml`` with overrides, caching stages under tmp_path."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("config", overrides=[f"cache_dir={tmp_path / 'cache'}", *overrides])
+
+    return _compose
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``python -m ptq.main`` in a subprocess with outputs under tmp_path."""
+
+    def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "ptq.main", f"hydra.run.dir={tmp_path / 'run'}",
+               f"cache_dir={tmp_path / 'cache'}", *args]
+        env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+    return _run
+
+
+def small_vit(layers: int = 2, dim: int = 32, heads: int = 2, image: int = 16, patch: int = 4,
+              classes: int = 10, seed: int = 0):
+    """A randomly initialised torchvision VisionTransformer (with non-trivial LayerNorm params)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(image_size=image, patch_size=patch, num_layers=layers, num_heads=heads,
+                              hidden_dim=dim, mlp_dim=2 * dim, num_classes=classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        model.heads.head.weight.normal_(0, 0.05)
+    return model.eval()
