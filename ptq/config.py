@@ -102,6 +102,7 @@ class AdaRoundConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     early_stop: float = 1e-5
+    resume: bool = True  # continue after the last finished unit of an interrupted identical run
 
 
 @dataclass
@@ -120,6 +121,8 @@ class TrackingConfig:
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     dir: Optional[str] = None
+    init_timeout: float = 30.0
+    finish_timeout: float = 60.0
 
 
 @dataclass

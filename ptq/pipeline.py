@@ -211,6 +211,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Optional[Any] = None) -> dict[s
         raise
     write_json(metrics_path, metrics)
     if tracker is not None:
+        tracker.log_curves(metrics.get("curves") or {})
         tracker.finish(metrics)
     return metrics
 
