@@ -1,0 +1,1 @@
+"""Weight reconstruction after calibration (AdaRound)."""

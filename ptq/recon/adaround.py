@@ -1,0 +1,342 @@
+"""AdaRound reconstruction with LSQ-learned activation step sizes (spec/adaround.md).
+
+Units run in network order. For each unit, the quantized model (earlier
+units already hard-rounded) gives the unit's inputs and the float twin gives
+its targets, both over the calibration images, computed once and cached on
+the host; each iteration is then one forward and backward of the unit on a
+sampled batch (BRECQ's loop).
+
+Memory plan: caches live on the host and batches move to the device.
+Integer inputs of at most 16 bits are stored as int16 (exact: the residual
+stream is INT16, LN/attention outputs INT8), float tensors as float32, or
+float16 once a cache passes 1 GiB. For vit_b_16 at block granularity with
+1024 images one cache is 1024 x 197 x 768 values: 310 MB as int16 inputs
+plus 310 MB of float16 targets, instead of 620 MB each in float32.
+
+Resume: after each unit the run dir holds ``recon_checkpoint.pt`` (model
+state, per-unit records, curves) and ``<cache_dir>/recon/<key>.json`` points
+to it, keyed by everything that determines the result; re-running the same
+command loads it and continues after the last finished unit. Batch sampling
+is seeded per unit, so a resumed run ends with the same model as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ptq.cache import spec_key
+from ptq.quant.qtensor import QTensor, qrange
+from ptq.quant.quantizers import SCALE_EPS, ActQuantizer, WeightQuantizer, channel_view
+from ptq.quant.vit import QLinear, QuantSettings, QuantViT
+
+log = logging.getLogger(__name__)
+
+ZETA, GAMMA = 1.1, -0.1
+FLOAT16_ABOVE_BYTES = 1 << 30
+CURVE_EVERY = 10
+EVAL_BATCH = 256
+
+Value = Union[QTensor, Tensor]
+
+
+class AdaRoundQuantizer(WeightQuantizer):
+    """Per-channel absmax grid with learned rounding: W_int = clamp(floor(W/s) + h(V)).
+
+    ``soft=True`` while training (h in [0, 1]); otherwise hard rounding
+    ``h(V) >= 0.5``. Untrained, V starts where h(V) is the fractional part,
+    so the hard weights are nearest rounding.
+    """
+
+    def __init__(self, weight: Tensor, bits: int) -> None:
+        super().__init__(weight, bits)
+        w_s = weight.detach() / channel_view(self.scale, weight)
+        floor = torch.floor(w_s)
+        self.register_buffer("w_floor", floor)
+        frac = (w_s - floor).clamp(0.0, 1.0)
+        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0), requires_grad=False)
+        self.soft = False
+
+    @property
+    def integer(self) -> bool:
+        return not self.soft
+
+    def h(self) -> Tensor:
+        """Rectified sigmoid: the soft rounding offset in [0, 1]."""
+        return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+    def rounding(self) -> Tensor:
+        """Hard rounding decisions (0 or 1)."""
+        return (self.h() >= 0.5).to(self.w_floor.dtype)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        lo, hi = qrange(self.bits)
+        offset = self.h() if self.soft else self.rounding()
+        return torch.clamp(self.w_floor + offset, lo, hi)
+
+    def regularizer(self, beta: float) -> Tensor:
+        """sum(1 - |2h - 1|^beta): zero exactly when every h is 0 or 1."""
+        return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
+
+
+def install_adaround(qmodel: QuantViT) -> list[AdaRoundQuantizer]:
+    """Replace every weight quantizer by an AdaRound one on the same grid (hard = nearest until trained)."""
+    out = []
+    for lin in qmodel.linears():
+        if lin.wq is not None and not isinstance(lin.wq, AdaRoundQuantizer):
+            lin.wq = AdaRoundQuantizer(lin.weight, lin.wq.bits).to(lin.weight.device)
+        if lin.wq is not None:
+            out.append(lin.wq)
+    return out
+
+
+def units_of(qmodel: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]:
+    """Reconstruction units in network order (spec/adaround.md)."""
+    if granularity == "model":
+        return [("model", qmodel)]
+    if granularity == "layer":
+        return [(n, m) for n, m in qmodel.named_modules() if isinstance(m, QLinear)]
+    inner: list[tuple[str, nn.Module]] = []
+    for i, blk in enumerate(qmodel.blocks):
+        if granularity == "block":
+            inner += [(f"blocks.{i}.attn", blk.attn), (f"blocks.{i}.mlp", blk.mlp)]
+        elif granularity == "encoder":
+            inner.append((f"blocks.{i}", blk))
+        else:
+            raise ValueError(f"granularity {granularity!r} is not one of layer, block, encoder, model")
+    return [("embed", qmodel.embed), *inner, ("head", qmodel.head)]
+
+
+def as_real(x: Value) -> Tensor:
+    return x.real() if isinstance(x, QTensor) else x
+
+
+@dataclass
+class Cached:
+    """A unit's inputs or targets over the calibration set, on the host."""
+
+    v: Tensor
+    s: Optional[Tensor] = None
+    bits: Optional[int] = None
+    signed: bool = True
+
+    @staticmethod
+    def pack(items: list[Value]) -> Cached:
+        first = items[0]
+        if isinstance(first, QTensor) and first.integer and first.bits <= 16:
+            v = torch.cat([it.v.detach().round().to(torch.int16).cpu() for it in items])
+            return Cached(v, first.s.detach().cpu(), first.bits, first.signed)
+        reals = [as_real(it).detach().float().cpu() for it in items]
+        total = sum(r.numel() for r in reals) * 4
+        v = torch.cat(reals)
+        if total > FLOAT16_ABOVE_BYTES:
+            v = v.half()
+        return Cached(v)
+
+    def __len__(self) -> int:
+        return self.v.shape[0]
+
+    def take(self, idx: Tensor, device: torch.device) -> Value:
+        v = self.v[idx].to(device, non_blocking=True).float()
+        if self.s is None:
+            return v
+        return QTensor(v, self.s.to(device), self.bits, self.signed)
+
+    def take_real(self, idx: Tensor, device: torch.device) -> Tensor:
+        return as_real(self.take(idx, device))
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: nothing after the unit needs computing."""
+
+
+@torch.no_grad()
+def capture(model: nn.Module, unit: nn.Module, images: Tensor, device: torch.device, which: str,
+            batch_size: int) -> Cached:
+    """The unit's input (``which='input'``) or output over ``images``, running the model only up to the unit."""
+    got: list[Value] = []
+
+    def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+        got.append(args[0] if which == "input" else output)
+        raise _Stop
+
+    handle = unit.register_forward_hook(hook)
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            try:
+                model(images[start:start + batch_size].to(device))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return Cached.pack(got)
+
+
+def beta_at(step: int, iters: int, warm: int, start: float, end: float) -> float:
+    """Linear anneal from ``start`` to ``end`` over the iterations after the warm-up."""
+    rel = min(1.0, max(0.0, (step - warm) / max(1, iters - warm)))
+    return end + (start - end) * (1.0 - rel)
+
+
+@torch.no_grad()
+def unit_loss(unit: nn.Module, inputs: Cached, targets: Cached, device: torch.device) -> float:
+    """Reconstruction loss of the unit as it is now, on the first EVAL_BATCH cached images."""
+    idx = torch.arange(min(EVAL_BATCH, len(inputs)))
+    out = as_real(unit(inputs.take(idx, device)))
+    return recon_loss(out, targets.take_real(idx, device)).item()
+
+
+def recon_loss(out: Tensor, target: Tensor) -> Tensor:
+    """Squared error summed over each sample's features, averaged over the batch (BRECQ)."""
+    return (out - target).pow(2).flatten(1).sum(1).mean()
+
+
+def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg: Any, device: torch.device,
+               seed: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Learn the unit's rounding (and LSQ step sizes); leave it hard-rounded. Returns record and curve."""
+    ada, lsq = cfg.adaround, cfg.lsq
+    quantizers = [m.wq for m in unit.modules() if isinstance(m, QLinear) and isinstance(m.wq, AdaRoundQuantizer)]
+    steps = [a.scale for a in unit.modules() if isinstance(a, ActQuantizer) and a.mode == "quant"] if lsq.enabled else []
+    t0 = time.perf_counter()
+    loss_before = unit_loss(unit, inputs, targets, device)
+    for q in quantizers:
+        q.soft = True
+        q.v.requires_grad_(True)
+    for p in steps:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([q.v for q in quantizers], lr=ada.lr)
+    opt_lsq = torch.optim.Adam(steps, lr=lsq.lr) if steps else None
+    gen = torch.Generator().manual_seed(seed)
+    warm = int(ada.warmup * ada.iters)
+    curve: dict[str, list[float]] = {"step": [], "loss": [], "reg": [], "beta": []}
+    early = False
+    it = 0
+    bar = tqdm(range(ada.iters), desc=f"adaround {name}", leave=False)
+    try:
+        for it in bar:
+            idx = torch.randint(len(inputs), (ada.batch_size,), generator=gen)
+            out = as_real(unit(inputs.take(idx, device)))
+            rec = recon_loss(out, targets.take_real(idx, device))
+            beta = beta_at(it, ada.iters, warm, ada.beta_start, ada.beta_end)
+            reg = sum((q.regularizer(beta) for q in quantizers), torch.zeros((), device=device))
+            loss = rec + (ada.reg_weight * reg if it >= warm else 0.0)
+            opt.zero_grad(set_to_none=True)
+            if opt_lsq is not None:
+                opt_lsq.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if opt_lsq is not None:
+                opt_lsq.step()
+                with torch.no_grad():
+                    for p in steps:
+                        p.clamp_(min=SCALE_EPS)
+            if it % CURVE_EVERY == 0 or it == ada.iters - 1:
+                r = reg.item()
+                for k, val in zip(curve, (it, rec.item(), r, beta)):
+                    curve[k].append(val)
+                bar.set_postfix(loss=f"{curve['loss'][-1]:.4g}", reg=f"{r:.3g}", beta=f"{beta:.1f}")
+            if it >= warm and quantizers and reg.item() < ada.early_stop:
+                early = True
+                break
+    finally:
+        bar.close()
+        for q in quantizers:
+            q.soft = False
+            q.v.requires_grad_(False)
+        for p in steps:
+            p.requires_grad_(False)
+    record = {
+        "unit": name,
+        "loss_before": loss_before,
+        "loss_after": unit_loss(unit, inputs, targets, device),
+        "iters": it + 1,
+        "early_stopped": early,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return record, curve
+
+
+def resume_key(cfg: Any) -> str:
+    """Hash of everything that determines the reconstructed model."""
+    from ptq.pipeline import data_identity, model_identity, row_of
+
+    return spec_key({
+        "row": row_of(cfg), "model": model_identity(cfg), "data": data_identity(cfg), "seed": int(cfg.seed),
+        "aquant": {k: cfg.aquant[k] for k in ("momentum", "calib_images", "calib_batch_size", "quant_io")},
+        "adaround": dict(cfg.adaround), "lsq": dict(cfg.lsq),
+    })
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load_resume(index: Path, qmodel: QuantViT) -> Optional[dict[str, Any]]:
+    if not index.exists():
+        return None
+    try:
+        ckpt_path = Path(json.loads(index.read_text())["checkpoint"])
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        qmodel.load_state_dict(ckpt["state"])
+    except Exception as exc:
+        log.warning("cannot resume from %s (%s); reconstructing from the start", index, exc)
+        return None
+    log.info("resuming AdaRound after unit %d from %s", ckpt["done"], ckpt_path)
+    return ckpt
+
+
+def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_source: Any, device: torch.device,
+                      run_dir: Path, metrics: dict[str, Any]) -> None:
+    """AdaRound every unit of ``qmodel`` in network order; records go into ``metrics``."""
+    from ptq.data.build import loader, subset
+
+    install_adaround(qmodel)
+    qmodel.to(device)
+    twin = QuantViT(fp_model, QuantSettings(wbits=None, abits=None)).to(device)
+    twin.set_mode("off")
+    ada = cfg.adaround
+    calib = subset(calib_source, ada.calib_images, int(cfg.seed) + 1)
+    images = torch.cat([x for x, _ in loader(calib, cfg.data.batch_size, cfg.data.num_workers, torch.device("cpu"))])
+    units = units_of(qmodel, cfg.granularity.name)
+    twin_units = dict(units_of(twin, cfg.granularity.name))
+
+    index = Path(cfg.cache_dir) / "recon" / f"{resume_key(cfg)}.json"
+    ckpt_path = run_dir / "recon_checkpoint.pt"
+    state = _load_resume(index, qmodel) if cfg.adaround.get("resume", True) else None
+    done = state["done"] if state else 0
+    records: list[dict[str, Any]] = state["records"] if state else []
+    curves: dict[str, dict[str, list[float]]] = state["curves"] if state else {}
+    metrics["resumed_units"] = done
+    bs = cfg.data.batch_size
+    for i, (name, unit) in enumerate(units):
+        if i < done:
+            continue
+        inputs = capture(qmodel, unit, images, device, "input", bs)
+        targets = capture(twin, twin_units[name], images, device, "output", bs)
+        record, curve = train_unit(name, unit, inputs, targets, cfg, device, seed=int(cfg.seed) * 100003 + i)
+        records.append(record)
+        curves[name] = curve
+        log.info("unit %d/%d %s: loss %.4g -> %.4g in %d iters (%s, %.1fs)", i + 1, len(units), name,
+                 record["loss_before"], record["loss_after"], record["iters"],
+                 "early stop" if record["early_stopped"] else "all iters", record["seconds"])
+        _atomic_save({"done": i + 1, "state": qmodel.state_dict(), "records": records, "curves": curves}, ckpt_path)
+        index.parent.mkdir(parents=True, exist_ok=True)
+        index.write_text(json.dumps({"checkpoint": str(ckpt_path.resolve()), "done": i + 1}))
+    metrics["units"] = records
+    metrics["curves"] = curves
+    metrics["adaround_iters"] = int(sum(r["iters"] for r in records))
+    if not math.isfinite(sum(r["loss_after"] for r in records)):
+        raise FloatingPointError("AdaRound produced a non-finite reconstruction loss")
