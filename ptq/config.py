@@ -142,7 +142,8 @@ class Config:
     abits: int = 8
     seed: int = 0
     device: str = "auto"
-    cache_dir: str = "outputs/.cache"
+    cache_dir: Optional[str] = "outputs/.cache"  # null: no stage cache
+    sweep_name: Optional[str] = None  # set by the named sweeps in sweeps/
     export: bool = False
     debug_name: Optional[str] = None
 

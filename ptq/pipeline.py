@@ -140,6 +140,31 @@ def calibrate(qmodel: QuantViT, batches: DataLoader, device: torch.device) -> No
     qmodel.freeze()
 
 
+def calibration_stats(qmodel: QuantViT) -> dict[str, Tensor]:
+    """The observed state of every activation quantizer (what calibration produces)."""
+    return {k: v.detach().cpu() for k, v in qmodel.state_dict().items()
+            if k.endswith(("running_absmax", "n_batches"))}
+
+
+def calibrate_cached(cfg: Any, qmodel: QuantViT, calib_source: Any, device: torch.device,
+                     cache: StageCache, cached: dict[str, bool]) -> None:
+    """Calibrate, or load the statistics of an identical calibration from the stage cache."""
+    st = qmodel.settings
+    spec = {"model": model_identity(cfg), "data": data_identity(cfg), "seed": int(cfg.seed),
+            "calib_images": cfg.aquant.calib_images, "calib_batch_size": cfg.aquant.calib_batch_size,
+            "wbits": st.wbits, "abits": st.abits, "idadd_bits": st.idadd_bits, "momentum": st.momentum,
+            "quant_io": st.quant_io, "n_quantizers": sum(1 for _ in qmodel.act_quantizers())}
+    hit = cache.load("calibration", spec)
+    cached["calibrate"] = hit is not None
+    if hit is not None:
+        qmodel.load_state_dict(hit, strict=False)
+        qmodel.freeze()
+        return
+    calib_set = data_build.subset(calib_source, cfg.aquant.calib_images, int(cfg.seed))
+    calibrate(qmodel, data_build.loader(calib_set, cfg.aquant.calib_batch_size, cfg.data.num_workers, device), device)
+    cache.save("calibration", spec, calibration_stats(qmodel))
+
+
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
     """Top-k accuracies in percent."""
     k = min(max(ks), logits.shape[1])
@@ -188,6 +213,18 @@ def check_inputs(cfg: Any) -> None:
     resolve_device(cfg.device)
 
 
+def record_failure(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
+    """A metrics.json saying this run failed before it started (e.g. a bad value in one sweep job)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        row = row_of(cfg)
+        name = naming.row_name(row)
+    except Exception:
+        row, name = {}, run_dir.name
+    write_json(run_dir / "metrics.json", {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                          "name": name, "row": row, "group": cfg.tracking.group})
+
+
 def run(cfg: DictConfig, run_dir: Path, tracker: Optional[Any] = None) -> dict[str, Any]:
     """Run one configuration end to end; returns (and writes) its metrics."""
     check_inputs(cfg)
@@ -195,7 +232,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Optional[Any] = None) -> dict[s
     row = row_of(cfg)
     name = naming.row_name(row)
     metrics: dict[str, Any] = {"status": "running", "error": None, "name": name, "row": row,
-                               "seed": int(cfg.seed), "seconds": {}, "cached": {}}
+                               "seed": int(cfg.seed), "group": cfg.tracking.group, "seconds": {}, "cached": {}}
     metrics_path = run_dir / "metrics.json"
     write_json(metrics_path, metrics)
     if tracker is not None:
@@ -220,7 +257,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
     seconds, cached = metrics["seconds"], metrics["cached"]
-    cache = StageCache(cfg.cache_dir)
+    cache = StageCache(cfg.cache_dir or ".", enabled=cfg.cache_dir is not None)
     log.info("run %s on %s -> %s", metrics["name"], device, run_dir)
 
     fp_model = load_model(cfg).to(device)
@@ -239,8 +276,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None
         qmodel = QuantViT(fp_model, st).to(device)
         with stage(seconds, "calibrate"):
             if st.abits is not None:
-                calib_set = data_build.subset(calib_source, cfg.aquant.calib_images, int(cfg.seed))
-                calibrate(qmodel, data_build.loader(calib_set, cfg.aquant.calib_batch_size, cfg.data.num_workers, device), device)
+                calibrate_cached(cfg, qmodel, calib_source, device, cache, cached)
             else:
                 qmodel.set_mode("off")
         with stage(seconds, "reconstruct"):

@@ -114,6 +114,8 @@ def make_record(metrics: Mapping[str, Any], config: Mapping[str, Any], run_dir: 
             raise _Skip(f"malformed metrics.json (no numeric {', '.join(bad)})")
     row = dict(row) if isinstance(row, Mapping) else {}
     cfg = flatten(config, sep=".")
+    if metrics.get("group"):  # decided at run time (a sweep's group), so not in .hydra/config.yaml
+        cfg["tracking.group"] = metrics["group"]
     name = metrics.get("name") or (row_name(row) if row else Path(run_dir).name)
     seed = metrics.get("seed", cfg.get("seed"))
     error = None

@@ -313,9 +313,9 @@ def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_sou
     units = units_of(qmodel, cfg.granularity.name)
     twin_units = dict(units_of(twin, cfg.granularity.name))
 
-    index = Path(cfg.cache_dir) / "recon" / f"{resume_key(cfg)}.json"
+    index = Path(cfg.cache_dir) / "recon" / f"{resume_key(cfg)}.json" if cfg.cache_dir else None
     ckpt_path = run_dir / "recon_checkpoint.pt"
-    state = _load_resume(index, qmodel) if cfg.adaround.get("resume", True) else None
+    state = _load_resume(index, qmodel) if index is not None and cfg.adaround.resume else None
     done = state["done"] if state else 0
     records: list[dict[str, Any]] = state["records"] if state else []
     curves: dict[str, dict[str, list[float]]] = state["curves"] if state else {}
@@ -333,8 +333,9 @@ def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_sou
                  record["loss_before"], record["loss_after"], record["iters"],
                  "early stop" if record["early_stopped"] else "all iters", record["seconds"])
         _atomic_save({"done": i + 1, "state": qmodel.state_dict(), "records": records, "curves": curves}, ckpt_path)
-        index.parent.mkdir(parents=True, exist_ok=True)
-        index.write_text(json.dumps({"checkpoint": str(ckpt_path.resolve()), "done": i + 1}))
+        if index is not None:
+            index.parent.mkdir(parents=True, exist_ok=True)
+            index.write_text(json.dumps({"checkpoint": str(ckpt_path.resolve()), "done": i + 1}))
     metrics["units"] = records
     metrics["curves"] = curves
     metrics["adaround_iters"] = int(sum(r["iters"] for r in records))
