@@ -208,6 +208,10 @@ def reconstruct(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_source: A
 def check_inputs(cfg: Any) -> None:
     """Every check that needs no model or data: config values, paths, device."""
     validate(cfg)
+    if cfg.export:
+        from ptq.intexec import check_exportable
+
+        check_exportable(cfg)
     check_model_inputs(cfg)
     data_build.check_data_inputs(cfg)
     resolve_device(cfg.device)
@@ -291,3 +295,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None
     if recorder is not None:
         metrics["audit"] = recorder.report()
         recorder.check()
+    if cfg.export:
+        from ptq.intexec import export_and_verify, save_quant_model
+
+        save_quant_model(qmodel, cfg, run_dir)
+        with stage(seconds, "export"):
+            metrics["intexec"] = export_and_verify(qmodel, cfg, run_dir, eval_set)

@@ -53,8 +53,8 @@ class Backend:
                 g, s = ivit.shift_gelu(x.v.detach(), x.s.detach(), self.gelu_n, self.gelu_sig_bits)
             audit.record(name, g, 32)
             s = s.to(torch.float32)
-            soft = F.gelu(x.real()) / s if torch.is_grad_enabled() else None
-            v = ste_attach(g, soft) if soft is not None else g.to(torch.float32)
+            # no grad: g stays int64 (q * g needs abits + sig_bits - 2 bits, past float32's 2**24 at A16)
+            v = ste_attach(g, F.gelu(x.real()) / s) if torch.is_grad_enabled() else g
             return out_q(QTensor(v, s, 32))
         return out_q(QTensor.from_float(F.gelu(x.real())))
 

@@ -34,6 +34,38 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+class _FakeQuant(torch.autograd.Function):
+    """clamp(round(x / s)) as one autograd node: straight-through for x, LSQ's step gradient for s."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, lo: int, hi: int) -> Tensor:  # type: ignore[override]
+        xs = x / s
+        q = torch.clamp(torch.round(xs), lo, hi)
+        ctx.save_for_backward(xs, s)
+        ctx.bounds = (lo, hi)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        xs, s = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        inside = (xs >= lo) & (xs <= hi)
+        g_in = torch.where(inside, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        grad_x = g_in / s if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            # d clamp(round(x/s)) / ds = -x/s^2 inside the range (straight-through round), 0 outside
+            grad_s = (-(g_in * xs).sum() / s).reshape(s.shape) if s.numel() == 1 else None
+        return grad_x, grad_s, None, None
+
+
+def fake_quant(x: Tensor, s: Tensor, lo: int, hi: int) -> Tensor:
+    """Integers clamp(round_half_even(x / s), lo, hi) of a float tensor, differentiable (STE + LSQ)."""
+    if not (x.requires_grad or s.requires_grad):
+        return torch.clamp(torch.round(x / s), lo, hi)
+    return _FakeQuant.apply(x, s, lo, hi)
+
+
 def grad_scale(x: Tensor, factor: float) -> Tensor:
     """Same value as ``x``, gradient multiplied by ``factor`` (LSQ's step-size gradient scaling)."""
     scaled = x * factor

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ptq.quant import audit, ivit
-from ptq.quant.qtensor import QTensor, grad_scale, qmax, qrange, round_ste, ste_attach
+from ptq.quant.qtensor import QTensor, fake_quant, grad_scale, qmax, qrange
 
 SCALE_EPS = 1e-8
 
@@ -127,14 +127,12 @@ class ActQuantizer(nn.Module):
             self.observe(real)
             return QTensor.from_float(real)
         s = self._step(x.v)
-        lo, hi = qrange(self.bits, self.signed)
-        soft = None
-        if torch.is_grad_enabled() or not x.integer:
-            soft = torch.clamp(round_ste(x.real() / s), lo, hi)
-        if not x.integer:
-            return self._emit(soft, s)
-        exact = ivit.requantize(x.v.detach(), x.s.detach(), self.scale.detach(), self.bits, self.signed)
-        q = ste_attach(exact, soft) if soft is not None else exact.to(torch.float32)
+        if x.integer and not torch.is_grad_enabled():
+            q = ivit.requantize(x.v, x.s, self.scale.detach(), self.bits, self.signed).to(torch.float32)
+        else:
+            # training (or a float input): fake quantization of the real value. For an integer input it
+            # equals the dyadic requantizer except where x*s_in/s_out lies within 2**-31 of a rounding tie.
+            q = fake_quant(x.real(), s, *qrange(self.bits, self.signed))
         return self._emit(q, s)
 
     def add(self, a: QTensor, b: QTensor) -> QTensor:
@@ -145,20 +143,16 @@ class ActQuantizer(nn.Module):
         """
         if self.mode != "quant" or not a.integer:
             return self(QTensor.from_float(a.real() + b.real()))
-        s = self._step(a.v)
-        lo, hi = qrange(self.bits, self.signed)
-        with torch.no_grad():
-            sd = self.scale.detach()
-            qa = ivit.requantize(a.v.detach(), a.s.detach(), sd, self.bits, self.signed, clamp=False)
-            if b.integer:
-                qb = ivit.requantize(b.v.detach(), b.s.detach(), sd, self.bits, self.signed, clamp=False)
-            else:
-                qb = torch.round(b.real().double() / sd.double()).to(torch.int64)
-            exact = ivit.clamp_int(qa + qb, self.bits, self.signed)
-        if torch.is_grad_enabled():
-            soft = torch.clamp(round_ste((a.real() + b.real()) / s), lo, hi)
-            return self._emit(ste_attach(exact, soft), s)
-        return self._emit(exact.to(torch.float32), s)
+        if torch.is_grad_enabled():  # training: fake quantization of the sum (see forward)
+            s = self._step(a.v)
+            return self._emit(fake_quant(a.real() + b.real(), s, *qrange(self.bits, self.signed)), s)
+        sd = self.scale
+        qa = ivit.requantize(a.v, a.s, sd, self.bits, self.signed, clamp=False)
+        if b.integer:
+            qb = ivit.requantize(b.v, b.s, sd, self.bits, self.signed, clamp=False)
+        else:
+            qb = torch.round(b.real().double() / sd.double()).to(torch.int64)
+        return self._emit(ivit.clamp_int(qa + qb, self.bits, self.signed).to(torch.float32), sd)
 
     def extra_repr(self) -> str:
         kind = "int" if self.signed else "uint"

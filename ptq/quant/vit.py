@@ -32,6 +32,7 @@ from ptq.quant.qtensor import QTensor, qrange, round_ste
 from ptq.quant.quantizers import ActQuantizer, WeightQuantizer
 
 FLOAT32_EXACT = 2**24
+FLOAT64_EXACT = 2**53
 INT32_MAX = 2**31 - 1
 
 
@@ -66,7 +67,11 @@ def exact_matmul(a: Tensor, b: Tensor, a_max: int, b_max: int) -> Tensor:
     ``a``: [..., T, K]; ``b``: [..., K, N] (broadcasting batch dims).
     """
     k = a.shape[-1]
-    chunk = max(1, FLOAT32_EXACT // max(1, a_max * b_max))
+    if a_max * b_max > FLOAT32_EXACT:  # even single products leave float32: use float64 (exact below 2**53)
+        if k * a_max * b_max >= FLOAT64_EXACT:
+            return (a.long() @ b.long()).double()
+        return a.double() @ b.double()
+    chunk = FLOAT32_EXACT // max(1, a_max * b_max)
     a32, b32 = a.float(), b.float()
     if k <= chunk:
         return (a32 @ b32).double()
