@@ -1,0 +1,115 @@
+"""The benchmark (ptq.bench) in quick form: well-formed JSON, a Markdown table, the README block renderer.
+
+No timing thresholds: only that every number is there, finite and positive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ptq import bench
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    """One quick benchmark of both models (single thread: steadier on a shared machine)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = bench.main(["--quick", "--device", "cpu", "--threads", "1", "--models", "tiny,vit_b_16",
+                         "--out", str(out)])
+    assert rc == 0
+    return json.loads(out.read_text()), stdout.getvalue(), out
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_json_has_every_ratio_finite_and_positive(quick_run) -> None:
+    result, _, _ = quick_run
+    assert result["quick"] is True and result["device"] == "cpu"
+    for key in bench.RATIO_KEYS:
+        assert _positive(result["ratios"][key]), key
+    for name in ("tiny", "vit_b_16"):
+        for key in bench.RATIO_KEYS:
+            assert _positive(result["ratios_by_model"][name][key]), (name, key)
+    mach = result["machine"]
+    for key in ("platform", "cpu_count", "torch", "device_name"):
+        assert mach[key], key
+    assert result["models"]["vit_b_16"]["model"]["reduced_depth"] is True  # quick mode says so
+
+
+def test_throughput_and_memory_numbers_are_positive(quick_run) -> None:
+    result, _, _ = quick_run
+    for name, m in result["models"].items():
+        for variant in ("float", "fp_ops", "ivit"):
+            assert _positive(m["eval"][variant]["images_per_s"]), (name, variant)
+            assert _positive(m["eval"][variant]["memory"]["host_peak_bytes"]), (name, variant)
+        cal = m["calibration"]
+        assert _positive(cal["images_per_s"]) and _positive(cal["memory"]["host_peak_bytes"])
+        assert len(m["adaround"]["units"]) == 5
+        for kind, u in m["adaround"]["units"].items():
+            for key in ("adaround_iter_s", "float_fwd_bwd_s", "ratio"):
+                assert _positive(u[key]), (name, kind, key)
+        mem = m["cache_memory"]
+        for key in ("inputs_bytes", "targets_bytes", "steady_bytes", "capture_peak_bytes"):
+            assert _positive(mem["analytic"][key]), (name, key)
+        for key in ("measured_steady_bytes_at_1024", "measured_capture_peak_bytes_at_1024"):
+            assert _positive(mem["measured"][key]), (name, key)
+        assert mem["measured"]["points"][0]["inputs_dtype"] == "torch.int16"
+
+
+def test_vit_b_16_cache_analytics_match_what_is_stored(quick_run) -> None:
+    """1024 x 197 x 768: int16 inputs, float32 targets (below the float16 switch); the measured stored size agrees."""
+    result, _, _ = quick_run
+    mem = result["models"]["vit_b_16"]["cache_memory"]
+    n = 1024 * 197 * 768
+    assert mem["analytic"]["inputs_bytes"] == 2 * n and mem["analytic"]["targets_bytes"] == 4 * n
+    assert mem["measured"]["measured_steady_bytes_at_1024"] == pytest.approx(6 * n, rel=1e-6)
+    assert _positive(mem["host_total_estimate_bytes"])
+
+
+def test_markdown_table_printed(quick_run) -> None:
+    _, printed, _ = quick_run
+    lines = [ln for ln in printed.splitlines() if ln.startswith("|")]
+    assert lines[0].startswith("| model | measurement |") and set(lines[1]) <= set("|-: ")
+    assert any("eval W8A8 ivit" in ln for ln in lines) and any("AdaRound encoder" in ln for ln in lines)
+    assert any("block caches" in ln for ln in lines)
+
+
+def test_readme_section_replaces_only_the_marked_block(quick_run, tmp_path: Path) -> None:
+    result, _, out = quick_run
+    readme = tmp_path / "README.md"
+    before = "# Title\n\nIntro.\n\n" + bench.MARK_START + "\nold stuff\n" + bench.MARK_END + "\n\n## After\n\nTail.\n"
+    readme.write_text(before)
+    assert bench.main(["--from-json", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    head, rest = text.split(bench.MARK_START)
+    body, tail = rest.split(bench.MARK_END)
+    assert head == "# Title\n\nIntro.\n\n" and tail == "\n\n## After\n\nTail.\n"
+    assert "old stuff" not in body and "## Performance" in body
+    mach = result["machine"]
+    assert mach["torch"] in body and mach["device_name"] in body and "`cpu`" in body
+    # idempotent: rendering again gives the same file
+    bench.update_readme(readme, result)
+    assert readme.read_text() == text
+
+
+def test_readme_without_markers_is_a_clear_error(quick_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, _, out = quick_run
+    readme = tmp_path / "README.md"
+    readme.write_text("# No markers here\n")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--from-json", str(out), "--readme", str(readme)])
+    assert exit_info.value.code == 2 and "perf:start" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="perf:start"):
+        bench.replace_marked_block(readme.read_text(), "section")
+    assert readme.read_text() == "# No markers here\n"
