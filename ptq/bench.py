@@ -59,6 +59,7 @@ from ptq.quant.nonlinear import Backend
 from ptq.quant.vit import QuantSettings, QuantViT
 from ptq.recon import adaround
 from ptq.recon.adaround import Cached, capture, install_adaround, recon_loss
+from ptq.runtime import tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +150,6 @@ def _malloc_trim() -> None:
     """Give freed heap memory back to the OS so that RSS deltas count new allocations only."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def tune_malloc(threshold: int = 1 << 30) -> bool:
-    """Keep large CPU tensors on glibc's heap instead of fresh mmaps (page-faulted on every allocation).
-
-    glibc serves allocations above its mmap threshold (at most 32 MiB by default) with a new
-    mapping each time, so every large temporary pays page faults; raising the threshold and
-    the trim threshold lets freed blocks be reused. False where glibc's ``mallopt`` is absent.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, 2 * threshold))
-    except (OSError, AttributeError):
-        return False
 
 
 def _reset_hwm() -> bool:

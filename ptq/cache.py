@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -47,7 +47,7 @@ class StageCache:
         base = self.root / stage / spec_key(spec)
         return base.with_suffix(".pt"), base.with_suffix(".json")
 
-    def load(self, stage: str, spec: dict[str, Any]) -> Optional[Any]:
+    def load(self, stage: str, spec: dict[str, Any]) -> Any | None:
         """The cached object, or None when absent, partial or corrupt."""
         if not self.enabled:
             return None

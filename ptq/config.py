@@ -10,7 +10,7 @@ checked by :func:`validate`, called first thing in the pipeline.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -24,8 +24,8 @@ class ModelConfig:
     """Which network is quantized. ``weights_path`` loads a local state dict instead of the default."""
 
     name: str = "tiny_digits"
-    weights: Optional[str] = None  # torchvision weights enum name, e.g. IMAGENET1K_V1
-    weights_path: Optional[str] = None
+    weights: str | None = None  # torchvision weights enum name, e.g. IMAGENET1K_V1
+    weights_path: str | None = None
     pretrained: bool = True  # False: random init (tests of the ImageNet path)
 
 
@@ -34,8 +34,8 @@ class DataConfig:
     """Evaluation and calibration data. ``eval_images=null`` evaluates the whole split."""
 
     name: str = "digits"
-    root: Optional[str] = None
-    eval_images: Optional[int] = None
+    root: str | None = None
+    eval_images: int | None = None
     batch_size: int = 128
     num_workers: int = 0
     image_size: int = 24
@@ -117,10 +117,10 @@ class TrackingConfig:
 
     mode: str = "${oc.env:WANDB_MODE,offline}"
     project: str = "ptq"
-    entity: Optional[str] = None
-    group: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
-    dir: Optional[str] = None
+    dir: str | None = None
     init_timeout: float = 30.0
     finish_timeout: float = 60.0
 
@@ -142,10 +142,10 @@ class Config:
     abits: int = 8
     seed: int = 0
     device: str = "auto"
-    cache_dir: Optional[str] = "outputs/.cache"  # null: no stage cache
-    sweep_name: Optional[str] = None  # set by the named sweeps in sweeps/
+    cache_dir: str | None = "outputs/.cache"  # null: no stage cache
+    sweep_name: str | None = None  # set by the named sweeps in sweeps/
     export: bool = False
-    debug_name: Optional[str] = None
+    debug_name: str | None = None
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -183,8 +183,25 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
+def unknown_keys(cfg: Any, schema: Any = None, prefix: str = "") -> list[str]:
+    """Keys of ``cfg`` that the schema does not declare (Hydra lets ``+key=value`` add them)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.structured(Config) if schema is None else schema
+    out = []
+    for key in cfg.keys():
+        if key not in schema:
+            out.append(f"{prefix}{key}")
+        elif isinstance(schema[key], DictConfig) and isinstance(cfg[key], DictConfig):
+            out += unknown_keys(cfg[key], schema[key], f"{prefix}{key}.")
+    return out
+
+
 def validate(cfg: Any) -> None:
     """Check value ranges and combinations; raise :class:`ConfigError` with one line on the first bad key."""
+    extra = unknown_keys(cfg) if hasattr(cfg, "keys") else []
+    if extra:
+        raise ConfigError(f"unknown config key(s) {', '.join(extra)}; see `python -m ptq.main --help` for the allowed keys")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

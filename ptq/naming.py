@@ -15,7 +15,8 @@ A *row* is the dict stored under ``metrics.json["row"]``::
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 FLOAT_BITS = 32
 

@@ -13,9 +13,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from ptq.models.zoo import check_model_inputs, load_model
 from ptq.quant import audit
 from ptq.quant.nonlinear import Backend
 from ptq.quant.vit import QuantSettings, QuantViT
+from ptq.runtime import tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +231,7 @@ def record_failure(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
                                           "name": name, "row": row, "group": cfg.tracking.group})
 
 
-def run(cfg: DictConfig, run_dir: Path, tracker: Optional[Any] = None) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str, Any]:
     """Run one configuration end to end; returns (and writes) its metrics."""
     check_inputs(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -260,6 +262,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Optional[Any] = None) -> dict[s
 def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
+    tune_malloc()
     seconds, cached = metrics["seconds"], metrics["cached"]
     cache = StageCache(cfg.cache_dir or ".", enabled=cfg.cache_dir is not None)
     log.info("run %s on %s -> %s", metrics["name"], device, run_dir)

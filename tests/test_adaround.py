@@ -100,7 +100,8 @@ def test_every_granularity_runs_and_no_unit_gets_worse(compose_cfg, tmp_path: Pa
                       "adaround.iters=40", "adaround.calib_images=64", "data.eval_images=128")
     m = pipeline.run(cfg, tmp_path / granularity)
     assert m["status"] == "ok" and m["row"]["granularity"] == granularity
-    expected = {"layer": 1 + 4 * 6 + 1, "block": 2 + 2 * 6, "encoder": 2 + 6, "model": 1}[granularity]
+    layers = 4  # the embedded default's depth
+    expected = {"layer": 1 + 4 * layers + 1, "block": 2 + 2 * layers, "encoder": 2 + layers, "model": 1}[granularity]
     assert len(m["units"]) == len(m["curves"]) == expected
     for r in m["units"]:
         assert r["loss_after"] <= r["loss_before"] * 1.0001 + 1e-6, r

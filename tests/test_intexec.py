@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, small_vit
 
+from conftest import ROOT, small_vit
 from ptq.intexec.build import MATMUL_KINDS, build_program
 from ptq.intexec.interp import INT_DTYPES, ArtefactError, Interpreter, save_program, validate_graph
 from ptq.intexec.verify import (

@@ -7,8 +7,8 @@ hot path pays one attribute check when auditing is off.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 from torch import Tensor
 
@@ -53,11 +53,11 @@ class RangeAudit:
             raise RangeOverflow(f"range audit: {len(bad)} tensor(s) overflowed their width: {names}")
 
 
-_ACTIVE: Optional[RangeAudit] = None
+_ACTIVE: RangeAudit | None = None
 
 
 @contextmanager
-def active(audit: Optional[RangeAudit]) -> Iterator[Optional[RangeAudit]]:
+def active(audit: RangeAudit | None) -> Iterator[RangeAudit | None]:
     """Make ``audit`` the recorder for the duration of the block (None disables)."""
     global _ACTIVE
     previous, _ACTIVE = _ACTIVE, audit

@@ -266,8 +266,35 @@ def requantize(
     beyond int64 saturate at ``+-(2**63 - 1)``.
     """
     lo, hi = _qrange(bits, signed)
-    m, e = dyadic(_scale_f64(s_in) / _scale_f64(s_out))
+    m, e = _dyadic_memo(s_in, s_out)
     return _apply_dyadic(q, m, e, lo, hi, clamp)
+
+
+_DYADIC_MEMO: dict[tuple, tuple[Tensor, Tensor]] = {}
+_DYADIC_MEMO_MAX = 4096
+
+
+def _memo_key(s: ScaleLike) -> tuple:
+    if isinstance(s, Tensor):
+        t = s.detach().to(torch.float32).cpu()
+        return (tuple(t.shape), t.numpy().tobytes())
+    return ((), float(torch.tensor(float(s), dtype=torch.float32)))
+
+
+def _dyadic_memo(s_in: ScaleLike, s_out: ScaleLike) -> tuple[Tensor, Tensor]:
+    """``dyadic(s_in / s_out)``, memoised on the float32 values of the scales.
+
+    A calibrated model requantizes with the same scale pairs on every forward pass;
+    the multiplier is a pure function of those float32 values, so this is exact.
+    """
+    key = (_memo_key(s_in), _memo_key(s_out))
+    hit = _DYADIC_MEMO.get(key)
+    if hit is None:
+        if len(_DYADIC_MEMO) >= _DYADIC_MEMO_MAX:
+            _DYADIC_MEMO.clear()
+        hit = dyadic(_scale_f64(s_in) / _scale_f64(s_out))
+        _DYADIC_MEMO[key] = hit
+    return hit
 
 
 # ----------------------------------------------------------------------------- exponential
@@ -316,7 +343,8 @@ def _int_exp_neg(idx: Tensor, x0: int, n: int) -> Tensor:
     if top + 1 > max(idx.numel(), 4096):
         return _int_exp_direct(-idx, x0, n)
     table = _int_exp_direct(-torch.arange(top + 1, dtype=torch.int64, device=idx.device), x0, n)
-    return torch.take(table, idx)
+    # index_select on the flat view: same values as torch.take, ~3x faster on CPU
+    return table.index_select(0, idx.reshape(-1)).view(idx.shape)
 
 
 def _int_exp_capped(a: Tensor, x0: int, n: int, cap: int = _CAP) -> Tensor:
@@ -411,7 +439,7 @@ def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8) -> tuple
         return torch.empty(qi.shape, dtype=torch.int64, device=qi.device), s_out
     mx = qi.amax(-1, keepdim=True)
     mx_lo, q_hi = (int(v) for v in torch.aminmax(mx))
-    q_lo = int(qi.amin())
+    q_lo = int(qi.min())
     width, height = q_hi - q_lo + 1, q_hi - mx_lo + 1
     if width * height <= qi.numel() // 2:  # the table must be cheaper than the elementwise path
         dev = qi.device
@@ -420,7 +448,7 @@ def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8) -> tuple
         table = _gelu_product(cols_q, rows_mx, x0, n, sig_bits)  # [height, width]
         offset = (mx - mx_lo) * width - q_lo
         flat = torch.add(qi, offset, out=qi) if qi is not q else qi + offset
-        return torch.take(table, flat), s_out
+        return table.reshape(-1).index_select(0, flat.reshape(-1)).view(flat.shape), s_out
     return _gelu_product(qi, mx, x0, n, sig_bits), s_out
 
 

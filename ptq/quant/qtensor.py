@@ -11,7 +11,6 @@ integer hardware computes (dyadic requantization, integer kernels).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -79,7 +78,7 @@ def ste_attach(exact: Tensor, soft: Tensor) -> Tensor:
     return soft + (exact.to(soft.dtype) - soft).detach()
 
 
-def as_scale(s: Tensor | float, like: Optional[Tensor] = None) -> Tensor:
+def as_scale(s: Tensor | float, like: Tensor | None = None) -> Tensor:
     """A float32 scale tensor (0-d or per channel) on ``like``'s device."""
     device = like.device if like is not None else None
     if isinstance(s, Tensor):
@@ -93,7 +92,7 @@ class QTensor:
 
     v: Tensor
     s: Tensor
-    bits: Optional[int] = None
+    bits: int | None = None
     signed: bool = True
 
     @staticmethod

@@ -18,8 +18,8 @@ the next layer by dyadic requantization.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,26 +40,26 @@ INT32_MAX = 2**31 - 1
 class QuantSettings:
     """What a QuantViT quantizes: widths (None = float), moving-average momentum, I/O quantizers, backend."""
 
-    wbits: Optional[int] = 8
-    abits: Optional[int] = 8
+    wbits: int | None = 8
+    abits: int | None = 8
     idadd_bits: int = 16
     momentum: float = 0.95
     quant_io: bool = True
     backend: Backend = field(default_factory=Backend)
 
-    def act(self, bits: Optional[int] = None, signed: bool = True, enabled: bool = True) -> ActQuantizer:
+    def act(self, bits: int | None = None, signed: bool = True, enabled: bool = True) -> ActQuantizer:
         """A new activation quantizer (A``abits`` unless ``bits`` is given)."""
         width = bits if bits is not None else (self.abits or 8)
         return ActQuantizer(width, signed, self.momentum, enabled=enabled and self.abits is not None)
 
 
-def _magnitude(bits: Optional[int], signed: bool) -> int:
+def _magnitude(bits: int | None, signed: bool) -> int:
     lo, hi = qrange(bits, signed)
     return max(-lo, hi)
 
 
 def exact_matmul(a: Tensor, b: Tensor, a_max: int, b_max: int) -> Tensor:
-    """``a @ b`` for integer-valued tensors, exact, as float64.
+    """``a @ b`` for integer-valued tensors, exact (float32 when that is exact, else float64).
 
     float32 sums integers exactly while every partial sum stays below 2**24,
     so K is split into chunks of at most 2**24 / (a_max * b_max) terms, each
@@ -74,7 +74,7 @@ def exact_matmul(a: Tensor, b: Tensor, a_max: int, b_max: int) -> Tensor:
     chunk = FLOAT32_EXACT // max(1, a_max * b_max)
     a32, b32 = a.float(), b.float()
     if k <= chunk:
-        return (a32 @ b32).double()
+        return a32 @ b32  # every partial sum is an integer below 2**24: exact in float32
     n = math.ceil(k / chunk)
     pad = n * chunk - k
     a32 = F.pad(a32, (0, pad)).unflatten(-1, (n, chunk)).movedim(-2, -3)  # [..., n, T, chunk]
@@ -98,11 +98,11 @@ class QLinear(nn.Module):
     ``s_x * s_w``; the caller requantizes it (or adds it to the residual).
     """
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], wbits: Optional[int]) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, wbits: int | None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.wq: Optional[WeightQuantizer] = None if wbits is None else WeightQuantizer(self.weight, wbits)
+        self.wq: WeightQuantizer | None = None if wbits is None else WeightQuantizer(self.weight, wbits)
         self.name = ""
 
     def quantized_weight(self) -> tuple[Tensor, Tensor, bool]:
@@ -118,11 +118,20 @@ class QLinear(nn.Module):
         integer = x.integer and w_int
         s_acc = x.s * s_w
         if integer and not torch.is_grad_enabled():
-            acc = exact_matmul(x.v, w.t(), _magnitude(x.bits, x.signed), _magnitude(self.wq.bits, True))
+            a_max, w_max = _magnitude(x.bits, x.signed), _magnitude(self.wq.bits, True)
+            k = x.v.shape[-1]
+            qb = None
             if self.bias is not None:
                 qb = torch.round(self.bias.double() / s_acc.double()).clamp(-INT32_MAX, INT32_MAX)
                 audit.record(self.name + ".bias", qb, 32)
-                acc = acc + qb
+            b_max = int(qb.abs().max()) if qb is not None else 0
+            if k * a_max * w_max + b_max < FLOAT32_EXACT:  # bias folded into one float32 GEMM, still exact
+                xv = x.v.float()
+                acc = xv @ w.t() if qb is None else torch.addmm(qb.float(), xv.reshape(-1, k), w.t())
+                acc = acc.view(*xv.shape[:-1], -1)
+            else:
+                acc = exact_matmul(x.v, w.t(), a_max, w_max)
+                acc = acc if qb is None else acc + qb
             audit.record(self.name + ".acc", acc, 32)
             return QTensor(acc, s_acc, 32)
         acc = x.v.float() @ w.t()
@@ -193,7 +202,7 @@ class QAttention(nn.Module):
         s_parts = acc.s.chunk(3) if acc.per_channel else (acc.s,) * 3
         qkv = [
             quant(QTensor(v, s, acc.bits))
-            for quant, v, s in zip((self.q_q, self.k_q, self.v_q), acc.v.split(e, dim=-1), s_parts)
+            for quant, v, s in zip((self.q_q, self.k_q, self.v_q), acc.v.split(e, dim=-1), s_parts, strict=True)
         ]
         q, k, v = (QTensor(z.v.reshape(b, t, self.heads, d).transpose(1, 2), z.s, z.bits, z.signed) for z in qkv)
         kt = QTensor(k.v.transpose(-2, -1), k.s, k.bits, k.signed)

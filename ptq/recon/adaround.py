@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,7 @@ FLOAT16_ABOVE_BYTES = 1 << 30
 CURVE_EVERY = 10
 EVAL_BATCH = 256
 
-Value = Union[QTensor, Tensor]
+Value = QTensor | Tensor
 
 
 class AdaRoundQuantizer(WeightQuantizer):
@@ -127,8 +127,8 @@ class Cached:
     """A unit's inputs or targets over the calibration set, on the host."""
 
     v: Tensor
-    s: Optional[Tensor] = None
-    bits: Optional[int] = None
+    s: Tensor | None = None
+    bits: int | None = None
     signed: bool = True
 
     @staticmethod
@@ -243,7 +243,7 @@ def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg:
                         p.clamp_(min=SCALE_EPS)
             if it % CURVE_EVERY == 0 or it == ada.iters - 1:
                 r = reg.item()
-                for k, val in zip(curve, (it, rec.item(), r, beta)):
+                for k, val in zip(curve, (it, rec.item(), r, beta), strict=True):
                     curve[k].append(val)
                 bar.set_postfix(loss=f"{curve['loss'][-1]:.4g}", reg=f"{r:.3g}", beta=f"{beta:.1f}")
             if it >= warm and quantizers and reg.item() < ada.early_stop:
@@ -284,7 +284,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_resume(index: Path, qmodel: QuantViT) -> Optional[dict[str, Any]]:
+def _load_resume(index: Path, qmodel: QuantViT) -> dict[str, Any] | None:
     if not index.exists():
         return None
     try:
