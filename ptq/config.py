@@ -142,6 +142,7 @@ class Config:
     abits: int = 8
     seed: int = 0
     device: str = "auto"
+    threads: Optional[int] = None  # CPU intra-op threads; null: 1 for models under 5M parameters, else torch's default
     cache_dir: str | None = "outputs/.cache"  # null: no stage cache
     sweep_name: str | None = None  # set by the named sweeps in sweeps/
     export: bool = False
@@ -235,6 +236,7 @@ def validate(cfg: Any) -> None:
     check("adaround.beta_start", ada.beta_start >= ada.beta_end > 0, "beta_start >= beta_end > 0")
     check("adaround.early_stop", ada.early_stop >= 0, "a non-negative threshold")
     check("lsq.lr", cfg.lsq.lr > 0, "a positive learning rate")
+    check("threads", cfg.threads is None or cfg.threads >= 1, "null (automatic) or a positive number of threads")
     if cfg.nonlinear.name == "ivit" and (cfg.aquant.name == "none" or cfg.wquant.name == "none"):
         raise ConfigError(
             "nonlinear=ivit needs integer tensors: use it with aquant=movavg and a weight quantizer "

@@ -20,6 +20,11 @@ from ptq.quant.qtensor import QTensor, ste_attach
 from ptq.quant.quantizers import ActQuantizer
 
 
+def _needs_grad(x: QTensor) -> bool:
+    """Whether a straight-through gradient must be attached (e.g. not for a unit's cached input)."""
+    return torch.is_grad_enabled() and (x.v.requires_grad or x.s.requires_grad)
+
+
 @dataclass(frozen=True)
 class Backend:
     """Which implementation of the nonlinear ops, and the integer kernels' settings."""
@@ -41,7 +46,7 @@ class Backend:
                 p, s = ivit.shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, self.softmax_out_bits)
             audit.record(name, p, self.softmax_out_bits, signed=False)
             s = s.to(torch.float32)
-            soft = F.softmax(x.real(), dim=-1) / s if torch.is_grad_enabled() else None
+            soft = F.softmax(x.real(), dim=-1) / s if _needs_grad(x) else None
             v = ste_attach(p, soft) if soft is not None else p.to(torch.float32)
             return QTensor(v, s, self.softmax_out_bits, signed=False)
         return out_q(QTensor.from_float(F.softmax(x.real(), dim=-1)))
@@ -54,7 +59,7 @@ class Backend:
             audit.record(name, g, 32)
             s = s.to(torch.float32)
             # no grad: g stays int64 (q * g needs abits + sig_bits - 2 bits, past float32's 2**24 at A16)
-            v = ste_attach(g, F.gelu(x.real()) / s) if torch.is_grad_enabled() else g
+            v = ste_attach(g, F.gelu(x.real()) / s) if _needs_grad(x) else g
             return out_q(QTensor(v, s, 32))
         return out_q(QTensor.from_float(F.gelu(x.real())))
 
@@ -65,7 +70,7 @@ class Backend:
                 y, s = ivit.int_layernorm(x.v.detach(), x.s.detach(), ln.weight.detach(), ln.bias.detach())
             audit.record(name, y, 32)
             s = s.to(torch.float32)
-            if torch.is_grad_enabled():
+            if _needs_grad(x):
                 soft = F.layer_norm(x.real(), ln.normalized_shape, ln.weight, ln.bias, ln.eps) / s
                 y = ste_attach(y, soft)
             # no grad: y stays int64, since |y| reaches 2**30 and float32 holds integers only to 2**24
