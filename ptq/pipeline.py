@@ -52,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
 SMALL_MODEL_PARAMS = 5_000_000
 
 
-def set_threads(threads: Optional[int], model: nn.Module, device: torch.device) -> None:
+def set_threads(threads: int | None, model: nn.Module, device: torch.device) -> None:
     """CPU intra-op threads: one for small models, whose ops are too small to split (measured 2-4x faster
     AdaRound iterations on the embedded default with 1 thread than with 2), else as asked or torch's default."""
     if device.type != "cpu":

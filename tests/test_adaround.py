@@ -97,7 +97,7 @@ class _FloatIn(nn.Module):
 @pytest.mark.parametrize("granularity", ["layer", "block", "encoder", "model"])
 def test_every_granularity_runs_and_no_unit_gets_worse(compose_cfg, tmp_path: Path, granularity: str) -> None:
     cfg = compose_cfg("debug=quick", "wquant=adaround", f"granularity={granularity}", "wbits=4",
-                      "adaround.iters=40", "adaround.calib_images=64", "data.eval_images=128")
+                      "adaround.iters=150", "adaround.calib_images=64", "data.eval_images=128")
     m = pipeline.run(cfg, tmp_path / granularity)
     assert m["status"] == "ok" and m["row"]["granularity"] == granularity
     layers = 4  # the embedded default's depth
@@ -106,6 +106,8 @@ def test_every_granularity_runs_and_no_unit_gets_worse(compose_cfg, tmp_path: Pa
     for r in m["units"]:
         assert r["loss_after"] <= r["loss_before"] * 1.0001 + 1e-6, r
         assert r["iters"] >= 1 and r["seconds"] >= 0
+    if granularity != "model":  # one logits-MSE unit: 150 iterations rarely beat nearest, and fall back to it
+        assert any(not r["kept_nearest"] and r["loss_after"] < r["loss_before"] for r in m["units"])
     assert (tmp_path / granularity / "recon_checkpoint.pt").exists()
 
 

@@ -210,6 +210,7 @@ def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg:
     steps = [a.scale for a in unit.modules() if isinstance(a, ActQuantizer) and a.mode == "quant"] if lsq.enabled else []
     t0 = time.perf_counter()
     loss_before = unit_loss(unit, inputs, targets, device)
+    nearest = {k: v.detach().clone() for k, v in unit.state_dict().items()}  # untrained V = nearest rounding
     for q in quantizers:
         q.soft = True
         q.v.requires_grad_(True)
@@ -256,12 +257,20 @@ def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg:
             q.v.requires_grad_(False)
         for p in steps:
             p.requires_grad_(False)
+    loss_after = unit_loss(unit, inputs, targets, device)
+    kept_nearest = not loss_after <= loss_before
+    if kept_nearest:  # learned rounding (and steps) lost to nearest rounding on the check batch: keep nearest
+        unit.load_state_dict(nearest)
+        log.warning("unit %s: learned rounding loss %.4g > nearest %.4g; keeping nearest rounding",
+                    name, loss_after, loss_before)
+        loss_after = loss_before
     record = {
         "unit": name,
         "loss_before": loss_before,
-        "loss_after": unit_loss(unit, inputs, targets, device),
+        "loss_after": loss_after,
         "iters": it + 1,
         "early_stopped": early,
+        "kept_nearest": kept_nearest,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return record, curve
