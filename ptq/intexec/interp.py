@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ptq.quant import ivit
+from ptq.quant.qtensor import qrange
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,6 @@ def _param(x: int | list[int], device: torch.device) -> Tensor:
     return torch.tensor(x, dtype=torch.int64, device=device)
 
 
-def _qrange(bits: int, signed: bool) -> tuple[int, int]:
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-
-
 def apply_dyadic(q: Tensor, m: Tensor, e: Tensor, bits: int, signed: bool, clamp: bool) -> Tensor:
     """``round_half_to_even(q * m / 2**e)`` (clamped to ``bits`` when ``clamp``) on integers only.
 
@@ -165,7 +162,7 @@ def apply_dyadic(q: Tensor, m: Tensor, e: Tensor, bits: int, signed: bool, clamp
     ``int`` (one int64 product and a rounding shift) when ``|q| * 2**31 < 2**62`` and
     ``e >= 1``, else ``general`` (exact for ``|q| <= 2**59``); never its float64 path.
     """
-    lo, hi = _qrange(bits, signed)
+    lo, hi = qrange(bits, signed)
     qmin, qmax = torch.aminmax(q)
     q_abs = max(-int(qmin), int(qmax)) if q.numel() else 0
     path = "int" if int(e.min()) >= 1 and q_abs < 2**31 else "general"
@@ -227,7 +224,7 @@ class Interpreter:
 
 def _quantize(op: dict, p: dict, x: Tensor) -> Tensor:
     """Float image -> integers: clamp(round_half_even(x / s)) in float32, the one float op before the integers."""
-    lo, hi = _qrange(op["bits"], op["signed"])
+    lo, hi = qrange(op["bits"], op["signed"])
     s = torch.tensor(op["scale"], dtype=torch.float32, device=x.device)
     return torch.clamp(torch.round(x / s), lo, hi).to(torch.int64)
 

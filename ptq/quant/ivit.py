@@ -26,6 +26,8 @@ import math
 import torch
 from torch import Tensor
 
+from ptq.quant.qtensor import qrange
+
 __all__ = [
     "clamp_int",
     "dyadic",
@@ -71,19 +73,13 @@ def _scale_f64(s: ScaleLike) -> Tensor:
     return torch.as_tensor(s).detach().to(torch.float32).to(torch.float64)
 
 
-def _qrange(bits: int, signed: bool) -> tuple[int, int]:
-    if not 1 <= bits <= 32:
-        raise ValueError(f"bits must be in [1, 32], got {bits}")
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-
-
 def clamp_int(q: Tensor, bits: int, signed: bool = True) -> Tensor:
     """Clamp integers to the range of ``bits`` (signed or unsigned); int64 out.
 
     Used after a residual add: both operands are requantized unclamped to the common
     scale, added, then clamped once (spec, "requantize").
     """
-    lo, hi = _qrange(bits, signed)
+    lo, hi = qrange(bits, signed)
     return torch.clamp(_as_int64(q), lo, hi)
 
 
@@ -265,7 +261,7 @@ def requantize(
     ``clamp=False`` and a ratio >= 1, ``|q|`` beyond ``2**32`` saturates there, and results
     beyond int64 saturate at ``+-(2**63 - 1)``.
     """
-    lo, hi = _qrange(bits, signed)
+    lo, hi = qrange(bits, signed)
     m, e = _dyadic_memo(s_in, s_out)
     return _apply_dyadic(q, m, e, lo, hi, clamp)
 

@@ -18,6 +18,8 @@ from torch import Tensor
 
 def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
     """Integer range of a ``bits``-wide tensor: signed [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b-1]."""
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bits must be in [1, 32], got {bits}")
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
