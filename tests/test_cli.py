@@ -128,3 +128,16 @@ def test_imagenet_path_runs_on_a_fake_imagefolder(compose_cfg, tmp_path: Path) -
     m = pipeline.run(cfg, tmp_path / "r")
     assert m["status"] == "ok" and m["n_eval"] == 4 and m["row"]["model"] == "vit_b_16"
     assert 0 <= m["acc1"] <= 100 and m["kl"] >= 0
+
+
+def test_experiment_configs_compose_to_their_rows(compose_cfg) -> None:
+    from ptq.naming import row_name
+
+    names = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml")):
+        names[path.stem] = row_name(pipeline.row_of(compose_cfg(f"experiment={path.stem}")))
+    assert len(set(names.values())) == len(names) == 11  # every table row is a distinct configuration
+    assert names["abs_w4a32"] == "W4A32-absmax-fp"
+    assert names["abs_w4a4_ivit"] == "W4A4-absmax-ivit"
+    assert names["adaround_block_w4a8_ivit"] == "W4A8-adaround-block-lsq-ivit"
+    assert row_name(pipeline.row_of(compose_cfg("experiment=abs_w8a32", "wbits=4"))) == "W4A32-absmax-fp"
