@@ -534,9 +534,17 @@ def plot(data: pd.DataFrame | Iterable[dict], out_dir: Path, by: Sequence[str] =
             " ".join([name] + [f"{k}={_fmt(r[k])}" for k in extra if _fmt(r[k])])
             for name, (_, r) in zip(quant["Name"], quant.iterrows(), strict=True)
         ]
-        fig = Figure(figsize=(9, 1.2 + 0.35 * len(quant)), layout="constrained")
-        ax = fig.add_subplot()
+        fig = Figure(figsize=(12, 1.2 + 0.35 * len(quant)), layout="constrained")
+        ax, ax_kl = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
         y = list(range(len(quant)))[::-1]
+        # KL to the float model on a log axis: it separates configurations whose top-1 barely moves
+        kl = pd.to_numeric(quant["KL"], errors="coerce").clip(lower=1e-6)
+        ax_kl.barh(y, kl, color="tab:orange")
+        for yi, v in zip(y, kl, strict=True):
+            ax_kl.text(v, yi, f" {v:.2g}", va="center", fontsize=7)
+        ax_kl.set_xscale("log")
+        ax_kl.set_xlabel("mean KL(float || quantized), log scale")
+        ax_kl.set_title("Fidelity to the float model")
         ax.barh(y, quant["Acc@1"], xerr=quant["Acc@1 std"].fillna(0), color="tab:blue", capsize=2)
         for yi, v in zip(y, quant["Acc@1"], strict=True):
             ax.text(v, yi, f" {v:.2f}", va="center", fontsize=7)
