@@ -94,11 +94,14 @@ class _FloatIn(nn.Module):
         return self.lin(QTensor.from_float(x)).real()
 
 
+@pytest.mark.parametrize("aquant", ["movavg", "none"])
 @pytest.mark.parametrize("granularity", ["layer", "block", "encoder", "model"])
-def test_every_granularity_runs_and_no_unit_gets_worse(compose_cfg, tmp_path: Path, granularity: str) -> None:
-    cfg = compose_cfg("debug=quick", "wquant=adaround", f"granularity={granularity}", "wbits=4",
+def test_every_granularity_runs_and_no_unit_gets_worse(compose_cfg, tmp_path: Path, granularity: str,
+                                                       aquant: str) -> None:
+    cfg = compose_cfg("debug=quick", "wquant=adaround", f"granularity={granularity}", "wbits=4", f"aquant={aquant}",
                       "adaround.iters=150", "adaround.calib_images=64", "data.eval_images=128")
-    m = pipeline.run(cfg, tmp_path / granularity)
+    run_dir = tmp_path / f"{granularity}-{aquant}"
+    m = pipeline.run(cfg, run_dir)
     assert m["status"] == "ok" and m["row"]["granularity"] == granularity
     layers = 4  # the embedded default's depth
     expected = {"layer": 1 + 4 * layers + 1, "block": 2 + 2 * layers, "encoder": 2 + layers, "model": 1}[granularity]
@@ -108,7 +111,7 @@ def test_every_granularity_runs_and_no_unit_gets_worse(compose_cfg, tmp_path: Pa
         assert r["iters"] >= 1 and r["seconds"] >= 0
     if granularity != "model":  # one logits-MSE unit: 150 iterations rarely beat nearest, and fall back to it
         assert any(not r["kept_nearest"] and r["loss_after"] < r["loss_before"] for r in m["units"])
-    assert (tmp_path / granularity / "recon_checkpoint.pt").exists()
+    assert (run_dir / "recon_checkpoint.pt").exists()
 
 
 def test_resume_equals_uninterrupted(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -130,19 +130,20 @@ class Cached:
     s: Tensor | None = None
     bits: int | None = None
     signed: bool = True
+    qtensor: bool = False  # the unit takes a QTensor (a float one where s is None), not a plain tensor
 
     @staticmethod
     def pack(items: list[Value]) -> Cached:
         first = items[0]
         if isinstance(first, QTensor) and first.integer and first.bits <= 16:
             v = torch.cat([it.v.detach().round().to(torch.int16).cpu() for it in items])
-            return Cached(v, first.s.detach().cpu(), first.bits, first.signed)
+            return Cached(v, first.s.detach().cpu(), first.bits, first.signed, qtensor=True)
         reals = [as_real(it).detach().float().cpu() for it in items]
         total = sum(r.numel() for r in reals) * 4
         v = torch.cat(reals)
         if total > FLOAT16_ABOVE_BYTES:
             v = v.half()
-        return Cached(v)
+        return Cached(v, qtensor=isinstance(first, QTensor))
 
     def __len__(self) -> int:
         return self.v.shape[0]
@@ -150,7 +151,7 @@ class Cached:
     def take(self, idx: Tensor, device: torch.device) -> Value:
         v = self.v[idx].to(device, non_blocking=True).float()
         if self.s is None:
-            return v
+            return QTensor.from_float(v) if self.qtensor else v
         return QTensor(v, self.s.to(device), self.bits, self.signed)
 
     def take_real(self, idx: Tensor, device: torch.device) -> Tensor:
