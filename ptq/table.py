@@ -37,7 +37,6 @@ from ptq.tracking import flatten, to_plain
 
 log = logging.getLogger("ptq.table" if __name__ == "__main__" else __name__)
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEFAULT_RUNS = ("outputs", "multirun")
 #: table column -> record key of the aggregated metrics
 METRICS = {"Acc@1": "acc1", "Acc@5": "acc5", "Agree": "agreement", "KL": "kl"}
@@ -486,20 +485,26 @@ def render(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> str:
     return text
 
 
-def write_readme_block(readme: Path, text: str) -> None:
-    """Replace the text between the results markers of ``readme`` (markers and all else kept byte-identical)."""
+def markers(block: str = "results") -> tuple[str, str]:
+    """The HTML-comment markers around a generated README block."""
+    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+
+
+def write_readme_block(readme: Path, text: str, block: str = "results") -> None:
+    """Replace the text between the ``block`` markers of ``readme`` (markers and all else kept byte-identical)."""
+    start, end = markers(block)
     readme = Path(readme)
     if not readme.is_file():
         raise InputError(f"README not found: {readme}")
     with open(readme, encoding="utf-8", newline="") as f:
         old = f.read()
-    if old.count(START) != 1 or old.count(END) != 1 or old.index(START) > old.index(END):
-        raise InputError(f"{readme} needs exactly one '{START}' followed by one '{END}' line")
-    head, rest = old.split(START, 1)
-    _, tail = rest.split(END, 1)
+    if old.count(start) != 1 or old.count(end) != 1 or old.index(start) > old.index(end):
+        raise InputError(f"{readme} needs exactly one '{start}' followed by one '{end}' line")
+    head, rest = old.split(start, 1)
+    _, tail = rest.split(end, 1)
     nl = "\r\n" if "\r\n" in old else "\n"
     body = nl + text.strip("\n").replace("\n", nl) + nl
-    new = head + START + body + END + tail
+    new = head + start + body + end + tail
     if new != old:
         with open(readme, "w", encoding="utf-8", newline="") as f:
             f.write(new)
@@ -569,13 +574,20 @@ def plot(data: pd.DataFrame | Iterable[dict], out_dir: Path, by: Sequence[str] =
         ada = lr_table[lr_table["[W]"].str.startswith("AdaRound") & lr_table["adaround.lr"].notna()]
         ada = ada.assign(lr=pd.to_numeric(ada["adaround.lr"], errors="coerce")).dropna(subset=["lr"])
         if ada["lr"].nunique() > 1:
-            fig = Figure(figsize=(7, 4.5), layout="constrained")
-            ax = fig.add_subplot()
+            fig = Figure(figsize=(12, 4.5), layout="constrained")
+            ax, ax_kl = fig.subplots(1, 2)
             for name, g in ada.groupby("Name", sort=True):
                 g = g.sort_values("lr")
                 ax.errorbar(
                     g["lr"], g["Acc@1"], yerr=g["Acc@1 std"].fillna(0), marker="o", capsize=3, label=name
                 )
+                ax_kl.plot(g["lr"], pd.to_numeric(g["KL"], errors="coerce"), marker="o", label=name)
+            ax_kl.set_xscale("log")
+            ax_kl.set_yscale("log")
+            ax_kl.set_xlabel("AdaRound rounding LR (adaround.lr)")
+            ax_kl.set_ylabel("mean KL(float || quantized)")
+            ax_kl.set_title("Fidelity to the float model vs rounding LR")
+            ax_kl.legend(fontsize=7)
             for _, b in lr_table[lr_table["[W]"] == "Base"].iterrows():
                 ax.axhline(b["Acc@1"], color="tab:red", ls="--", lw=1, label=f"float {b['Acc@1']:.2f}")
             ax.set_xscale("log")
@@ -607,6 +619,8 @@ def _parser() -> argparse.ArgumentParser:
         help="extra grouping column from the config, e.g. adaround.lr (repeatable)",
     )
     p.add_argument("--write", type=Path, metavar="README", help="replace the results block of this file")
+    p.add_argument("--block", default="results",
+                   help="name of the README block to replace: <!-- NAME:start --> ... <!-- NAME:end --> (default results)")
     p.add_argument("--csv", type=Path, metavar="FILE", help="write the table as CSV")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts into DIR")
     return p
@@ -633,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = render(table, failed_table(failed))
         print(text, end="")
         if args.write:
-            write_readme_block(args.write, text)
+            write_readme_block(args.write, text, args.block)
         if args.csv:
             args.csv.parent.mkdir(parents=True, exist_ok=True)
             table.to_csv(args.csv, index=False)
