@@ -10,8 +10,9 @@ Memory plan: caches live on the host and batches move to the device.
 Integer inputs of at most 16 bits are stored as int16 (exact: the residual
 stream is INT16, LN/attention outputs INT8), float tensors as float32, or
 float16 once a cache passes 1 GiB. For vit_b_16 at block granularity with
-1024 images one cache is 1024 x 197 x 768 values: 310 MB as int16 inputs
-plus 310 MB of float16 targets, instead of 620 MB each in float32.
+1024 images one cache is 1024 x 197 x 768 values: 310 MB of int16 inputs
+plus 620 MB of float32 targets (0.93 GB; ptq.bench measures 2.3 GB peak
+while capturing), instead of 1.24 GB with float32 inputs.
 
 Resume: after each unit the run dir holds ``recon_checkpoint.pt`` (model
 state, per-unit records, curves) and ``<cache_dir>/recon/<key>.json`` points
