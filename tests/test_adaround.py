@@ -139,3 +139,15 @@ def test_resume_equals_uninterrupted(compose_cfg, tmp_path: Path, monkeypatch: p
     for key in ("acc1", "acc5", "agreement", "kl"):
         assert resumed[key] == full[key], key
     assert [r["loss_after"] for r in resumed["units"]] == [r["loss_after"] for r in full["units"]]
+
+
+def test_compiled_training_step_runs_and_learns(compose_cfg, tmp_path: Path) -> None:
+    """adaround.compile (the default outside debug=quick) on the fp backend: same pipeline, compiled loss."""
+    cfg = compose_cfg("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", "adaround.compile=true",
+                      "adaround.iters=60", "data.eval_images=128")
+    assert adaround.loss_function(cfg) is not adaround.unit_recon_loss
+    m = pipeline.run(cfg, tmp_path / "compiled")
+    assert m["status"] == "ok" and len(m["units"]) == 10
+    assert any(r["loss_after"] < r["loss_before"] for r in m["units"])
+    ivit = compose_cfg("debug=quick", "wquant=adaround", "nonlinear=ivit", "adaround.compile=true")
+    assert adaround.loss_function(ivit) is adaround.unit_recon_loss  # integer kernels stay eager
