@@ -80,14 +80,6 @@ def ste_attach(exact: Tensor, soft: Tensor) -> Tensor:
     return soft + (exact.to(soft.dtype) - soft).detach()
 
 
-def as_scale(s: Tensor | float, like: Tensor | None = None) -> Tensor:
-    """A float32 scale tensor (0-d or per channel) on ``like``'s device."""
-    device = like.device if like is not None else None
-    if isinstance(s, Tensor):
-        return s.to(device=device, dtype=torch.float32) if device is not None else s.float()
-    return torch.tensor(float(s), dtype=torch.float32, device=device)
-
-
 @dataclass
 class QTensor:
     """Integers (or floats) ``v`` at scale ``s``; ``bits`` is None for an unquantized float tensor."""
