@@ -469,6 +469,34 @@ def time_float_steps(unit: nn.Module, x: Tensor, y: Tensor, n: int, device: torc
     return [time_call(step, device) for _ in range(n)]
 
 
+def _bench_unit(kind: str, named: tuple[str, nn.Module], twin_unit: nn.Module, float_unit: nn.Module, q: QuantViT,
+                twin: QuantViT, imgs: Tensor, plan: Plan, device: torch.device) -> dict[str, Any]:
+    """Median AdaRound iteration and float forward+backward seconds of one unit, over ``plan.ada_repeats``."""
+    name, unit = named
+    inputs = capture(q, unit, imgs, device, "input", plan.calib_batch)
+    targets = capture(twin, twin_unit, imgs, device, "output", plan.calib_batch)
+    idx = torch.arange(plan.ada_batch)
+    x, y = inputs.take_real(idx, device), targets.take_real(idx, device)
+    ada_med: list[float] = []
+    flt_med: list[float] = []
+    totals: list[float] = []
+    for r in range(plan.ada_repeats):
+        gaps, total = time_adaround_iters(name, unit, inputs, targets, plan, device, seed=r)
+        flt = time_float_steps(float_unit, x, y, plan.ada_iters, device)
+        ada_med.append(_median(gaps))
+        flt_med.append(_median(flt))
+        totals.append(total)
+    res = {
+        "unit": name, "adaround_iter_s": _median(ada_med), "float_fwd_bwd_s": _median(flt_med),
+        "ratio": _median([a / f for a, f in zip(ada_med, flt_med, strict=True)]),
+        "adaround_iter_s_per_repeat": ada_med, "float_fwd_bwd_s_per_repeat": flt_med,
+        "train_unit_call_s": totals,
+    }
+    log.info("adaround %s (%s): %.2f ms/iter vs float fwd+bwd %.2f ms -> %.2fx", kind, name,
+             1e3 * res["adaround_iter_s"], 1e3 * res["float_fwd_bwd_s"], res["ratio"])
+    return res
+
+
 def bench_adaround(model: VisionTransformer, calib: Tensor, plan: Plan, device: torch.device,
                    backend: str) -> dict[str, Any]:
     """AdaRound iteration vs float forward+backward for layer, block and encoder units of the middle block."""
@@ -489,29 +517,8 @@ def bench_adaround(model: VisionTransformer, calib: Tensor, plan: Plan, device: 
         "repeats": plan.ada_repeats, "cache_images": imgs.shape[0], "units": {},
     }
     for kind in tqdm(qu, desc="adaround units", leave=False):
-        name, unit = qu[kind]
-        inputs = capture(q, unit, imgs, device, "input", plan.calib_batch)
-        targets = capture(twin, tu[kind][1], imgs, device, "output", plan.calib_batch)
-        idx = torch.arange(plan.ada_batch)
-        x, y = inputs.take_real(idx, device), targets.take_real(idx, device)
-        ada_med: list[float] = []
-        flt_med: list[float] = []
-        totals: list[float] = []
-        for r in range(plan.ada_repeats):
-            gaps, total = time_adaround_iters(name, unit, inputs, targets, plan, device, seed=r)
-            flt = time_float_steps(fu[kind], x, y, plan.ada_iters, device)
-            ada_med.append(_median(gaps))
-            flt_med.append(_median(flt))
-            totals.append(total)
-        out["units"][kind] = {
-            "unit": name, "adaround_iter_s": _median(ada_med), "float_fwd_bwd_s": _median(flt_med),
-            "ratio": _median([a / f for a, f in zip(ada_med, flt_med, strict=True)]),
-            "adaround_iter_s_per_repeat": ada_med, "float_fwd_bwd_s_per_repeat": flt_med,
-            "train_unit_call_s": totals,
-        }
-        log.info("adaround %s (%s): %.2f ms/iter vs float fwd+bwd %.2f ms -> %.2fx", kind, name,
-                 1e3 * out["units"][kind]["adaround_iter_s"], 1e3 * out["units"][kind]["float_fwd_bwd_s"],
-                 out["units"][kind]["ratio"])
+        with adaround.flush_denormals():  # as reconstruct_model runs it
+            out["units"][kind] = _bench_unit(kind, qu[kind], tu[kind][1], fu[kind], q, twin, imgs, plan, device)
     t0 = time.perf_counter()
     out["memory"] = bench_cache_memory(q, twin, calib, plan, device)
     log.info("cache memory measured in %.1fs", time.perf_counter() - t0)

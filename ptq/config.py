@@ -143,7 +143,7 @@ class Config:
     abits: int = 8
     seed: int = 0
     device: str = "auto"
-    threads: int | None = None  # CPU intra-op threads; null: 1 for models under 5M parameters, else torch's default
+    threads: int | None = None  # CPU intra-op threads; null: torch's default (one per core)
     cache_dir: str | None = "outputs/.cache"  # null: no stage cache
     sweep_name: str | None = None  # set by the named sweeps in sweeps/
     export: bool = False
