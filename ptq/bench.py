@@ -7,7 +7,8 @@ mmap threshold) measures, on the embedded tiny model and on a randomly initialis
 * evaluation throughput of the float torchvision model, the calibrated W8A8 ``QuantViT``
   with float nonlinear ops (``fp``) and with the integer I-ViT backend (``ivit``);
 * the time of one AdaRound iteration (the loop body of ``ptq.recon.adaround.train_unit``,
-  timed inside the real function) for layer, block and encoder units, next to one plain
+  timed inside the real function, so compiled for the fp backend as in a run) for layer,
+  block and encoder units, next to one plain eager
   forward+backward of the same float unit on the same batch;
 * calibration throughput (observe mode) and its peak memory;
 * the host memory of the block-granularity reconstruction caches of vit_b_16 at 1024
@@ -436,18 +437,19 @@ def quant_units(q: QuantViT, b: int) -> dict[str, tuple[str, nn.Module]]:
             "encoder": (f"blocks.{b}", blk)}
 
 
-def _adaround_cfg(plan: Plan) -> SimpleNamespace:
-    """The run config ``train_unit`` reads: defaults but for iterations and batch size."""
+def _adaround_cfg(plan: Plan, backend: str) -> SimpleNamespace:
+    """The run config ``train_unit`` reads: defaults (so the fp backend's step is compiled, as in a run)
+    but for iterations and batch size."""
     ada = AdaRoundConfig(iters=plan.ada_iters + 1, batch_size=plan.ada_batch, early_stop=0.0)
-    return SimpleNamespace(adaround=ada, lsq=LSQConfig(enabled=True))
+    return SimpleNamespace(adaround=ada, lsq=LSQConfig(enabled=True), nonlinear=SimpleNamespace(name=backend))
 
 
 def time_adaround_iters(name: str, unit: nn.Module, inputs: Cached, targets: Cached, plan: Plan,
-                        device: torch.device, seed: int) -> tuple[list[float], float]:
+                        device: torch.device, seed: int, backend: str) -> tuple[list[float], float]:
     """Per-iteration seconds of ``train_unit`` on this unit (first dropped) and the whole call's seconds."""
     stamps: list[float] = []
     with _iteration_clock(stamps, device):
-        total = time_call(lambda: adaround.train_unit(name, unit, inputs, targets, _adaround_cfg(plan), device,
+        total = time_call(lambda: adaround.train_unit(name, unit, inputs, targets, _adaround_cfg(plan, backend), device,
                                                       seed), device)
     gaps = [b - a for a, b in itertools.pairwise(stamps)][1:]
     if not gaps:  # train_unit no longer iterates through adaround.tqdm: fall back to the whole call
@@ -470,7 +472,7 @@ def time_float_steps(unit: nn.Module, x: Tensor, y: Tensor, n: int, device: torc
 
 
 def _bench_unit(kind: str, named: tuple[str, nn.Module], twin_unit: nn.Module, float_unit: nn.Module, q: QuantViT,
-                twin: QuantViT, imgs: Tensor, plan: Plan, device: torch.device) -> dict[str, Any]:
+                twin: QuantViT, imgs: Tensor, plan: Plan, device: torch.device, backend: str) -> dict[str, Any]:
     """Median AdaRound iteration and float forward+backward seconds of one unit, over ``plan.ada_repeats``."""
     name, unit = named
     inputs = capture(q, unit, imgs, device, "input", plan.calib_batch)
@@ -481,7 +483,7 @@ def _bench_unit(kind: str, named: tuple[str, nn.Module], twin_unit: nn.Module, f
     flt_med: list[float] = []
     totals: list[float] = []
     for r in range(plan.ada_repeats):
-        gaps, total = time_adaround_iters(name, unit, inputs, targets, plan, device, seed=r)
+        gaps, total = time_adaround_iters(name, unit, inputs, targets, plan, device, seed=r, backend=backend)
         flt = time_float_steps(float_unit, x, y, plan.ada_iters, device)
         ada_med.append(_median(gaps))
         flt_med.append(_median(flt))
@@ -518,7 +520,8 @@ def bench_adaround(model: VisionTransformer, calib: Tensor, plan: Plan, device: 
     }
     for kind in tqdm(qu, desc="adaround units", leave=False):
         with adaround.flush_denormals():  # as reconstruct_model runs it
-            out["units"][kind] = _bench_unit(kind, qu[kind], tu[kind][1], fu[kind], q, twin, imgs, plan, device)
+            out["units"][kind] = _bench_unit(kind, qu[kind], tu[kind][1], fu[kind], q, twin, imgs, plan, device,
+                                             backend)
     t0 = time.perf_counter()
     out["memory"] = bench_cache_memory(q, twin, calib, plan, device)
     log.info("cache memory measured in %.1fs", time.perf_counter() - t0)

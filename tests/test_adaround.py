@@ -151,3 +151,13 @@ def test_compiled_training_step_runs_and_learns(compose_cfg, tmp_path: Path) -> 
     assert any(r["loss_after"] < r["loss_before"] for r in m["units"])
     ivit = compose_cfg("debug=quick", "wquant=adaround", "nonlinear=ivit", "adaround.compile=true")
     assert adaround.loss_function(ivit) is adaround.unit_recon_loss  # integer kernels stay eager
+
+
+def test_denormals_flush_only_while_reconstructing() -> None:
+    denormal = torch.tensor([1e-39])  # below float32's smallest normal (1.2e-38)
+    supported = torch.set_flush_denormal(True)
+    torch.set_flush_denormal(False)
+    assert (denormal * 1.0).item() > 0.0
+    with adaround.flush_denormals():
+        assert ((denormal * 1.0).item() == 0.0) == supported
+    assert (denormal * 1.0).item() > 0.0
