@@ -272,6 +272,8 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str,
     write_json(metrics_path, metrics)
     if tracker is not None:
         tracker.log_curves(metrics.get("curves") or {})
+        if metrics.get("recon_plot"):
+            tracker.log_image("recon/plot", run_dir / metrics["recon_plot"])
         tracker.finish(metrics)
     return metrics
 

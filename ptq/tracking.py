@@ -248,6 +248,15 @@ class Tracker:
             for s in sorted(by_step):
                 self.run.log({RECON_STEP: s, **by_step[s]})
 
+    def log_image(self, key: str, path: Path) -> None:
+        """Log a PNG the run wrote (e.g. the reconstruction picture) as a W&B image."""
+        if not self.active or not Path(path).is_file():
+            return
+        with self._guard("log_image"):
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))})
+
     def finish(self, metrics: dict) -> None:
         """Copy metrics.json (flattened with '/') into the summary and close the run."""
         if not self.active:

@@ -112,6 +112,8 @@ def test_every_granularity_runs_and_no_unit_gets_worse(compose_cfg, tmp_path: Pa
     if granularity != "model":  # one logits-MSE unit: 150 iterations rarely beat nearest, and fall back to it
         assert any(not r["kept_nearest"] and r["loss_after"] < r["loss_before"] for r in m["units"])
     assert (run_dir / "recon_checkpoint.pt").exists()
+    assert m["recon_plot"] == "recon.png"
+    assert (run_dir / "recon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_equals_uninterrupted(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

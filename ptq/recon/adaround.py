@@ -43,6 +43,7 @@ from ptq.cache import spec_key
 from ptq.quant.qtensor import QTensor, qrange
 from ptq.quant.quantizers import SCALE_EPS, ActQuantizer, WeightQuantizer, channel_view
 from ptq.quant.vit import QLinear, QuantSettings, QuantViT
+from ptq.recon.plots import plot_reconstruction
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ ZETA, GAMMA = 1.1, -0.1
 FLOAT16_ABOVE_BYTES = 1 << 30
 CURVE_EVERY = 10
 EVAL_BATCH = 256
+RECON_PLOT = "recon.png"  # in the run dir: curves and per-unit losses (ptq.recon.plots)
 
 Value = QTensor | Tensor
 
@@ -413,6 +415,10 @@ def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_sou
                 index.write_text(json.dumps({"checkpoint": str(ckpt_path.resolve()), "done": i + 1}))
     metrics["units"] = records
     metrics["curves"] = curves
+    try:
+        metrics["recon_plot"] = plot_reconstruction(records, curves, run_dir / RECON_PLOT).name
+    except Exception as exc:  # a picture is not worth failing a finished reconstruction for
+        log.warning("could not draw %s (%s: %s)", RECON_PLOT, type(exc).__name__, exc)
     metrics["adaround_iters"] = int(sum(r["iters"] for r in records))
     if not math.isfinite(sum(r["loss_after"] for r in records)):
         raise FloatingPointError("AdaRound produced a non-finite reconstruction loss")
