@@ -656,7 +656,7 @@ def _arch(model: VisionTransformer) -> dict[str, int]:
             "hidden_dim": model.hidden_dim, "mlp_dim": model.mlp_dim, "num_classes": model.num_classes}
 
 
-def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto", backend: str = "ivit") -> dict[str, Any]:
+def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto", backend: str = "fp") -> dict[str, Any]:
     """Run the benchmark; the JSON-ready result."""
     device = resolve_device(device_name)
     result: dict[str, Any] = {
@@ -706,7 +706,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         ada = m["adaround"]
         for kind, u in ada["units"].items():
             t = TARGETS["adaround_" + kind.split("_")[0]]
-            rows.append(f"| {label} | AdaRound {kind} `{u['unit']}`, batch {ada['batch']} (ms/iter vs fwd+bwd) | "
+            rows.append(f"| {label} | AdaRound {kind} `{u['unit']}`, {ada['settings']}, batch {ada['batch']} "
+                        f"(ms/iter vs fwd+bwd) | "
                         f"{1e3 * u['adaround_iter_s']:.2f} | {1e3 * u['float_fwd_bwd_s']:.2f} | {u['ratio']:.2f}x | "
                         f"<= {t:g}x | {_ok(u['ratio'], t)} |")
         mem = m["cache_memory"]
@@ -788,8 +789,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--models", default="tiny,vit_b_16", help="comma-separated subset of tiny,vit_b_16")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
-    p.add_argument("--adaround-backend", default="ivit", choices=("fp", "ivit"),
-                   help="nonlinear backend of the AdaRound units (the adaround_* experiments use ivit)")
+    p.add_argument("--adaround-backend", default="fp", choices=("fp", "ivit"),
+                   help="nonlinear backend of the AdaRound units (fp: compiled, what `wquant=adaround wbits=4` "
+                        "runs; ivit: eager, the integer table rows)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 gives steadier timings on a busy machine)")
     p.add_argument("--tune-malloc", action="store_true",
