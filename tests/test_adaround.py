@@ -148,6 +148,7 @@ def test_compiled_training_step_runs_and_learns(compose_cfg, tmp_path: Path) -> 
     cfg = compose_cfg("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", "adaround.compile=true",
                       "adaround.iters=60", "data.eval_images=128")
     assert adaround.loss_function(cfg) is not adaround.unit_recon_loss
+    assert torch._dynamo.config.recompile_limit >= adaround.RECOMPILE_LIMIT  # sweep jobs share the process
     m = pipeline.run(cfg, tmp_path / "compiled")
     assert m["status"] == "ok" and len(m["units"]) == 10
     assert any(r["loss_after"] < r["loss_before"] for r in m["units"])

@@ -219,6 +219,7 @@ def unit_recon_loss(unit: nn.Module, x: Value, target: Tensor, beta: Tensor) -> 
 
 
 _compiled_loss: Any = None
+RECOMPILE_LIMIT = 64  # graphs of unit_recon_loss per process: a layer-granularity run needs ~6, each sweep job as many
 
 
 def loss_function(cfg: Any) -> Any:
@@ -227,11 +228,17 @@ def loss_function(cfg: Any) -> Any:
     Compiled, a block unit's forward+backward of the embedded default ran 1.7-2.3x faster
     on the CPU (one compilation per unit class, reused by every block). The integer kernels
     read data-dependent Python integers, which would recompile per batch: ivit stays eager.
+
+    Every unit class, shape and quantizer setting is one more compiled graph of this one
+    function; past dynamo's recompile limit (8) it silently runs eagerly, which a multirun
+    (jobs share the process) reached in its second job. The limit is raised to RECOMPILE_LIMIT.
     """
     global _compiled_loss
     backend = getattr(getattr(cfg, "nonlinear", None), "name", None)
     if not (getattr(cfg.adaround, "compile", False) and backend == "fp"):
         return unit_recon_loss
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     if _compiled_loss is None:
         _compiled_loss = torch.compile(unit_recon_loss, dynamic=False)
     return _compiled_loss
