@@ -303,7 +303,7 @@ def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg:
                 r = reg.item()
                 for k, val in zip(curve, (it, rec.item(), r, beta), strict=True):
                     curve[k].append(val)
-                bar.set_postfix(loss=f"{curve['loss'][-1]:.4g}", reg=f"{r:.3g}", beta=f"{beta:.1f}")
+                bar.set_postfix(loss=f"{curve['loss'][-1]:.4g}", reg=f"{r:.3g}", beta=f"{beta:.1f}", refresh=False)
             if it >= warm and quantizers and reg.item() < ada.early_stop:
                 early = True
                 break
