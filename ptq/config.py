@@ -103,7 +103,7 @@ class AdaRoundConfig:
     beta_end: float = 2.0
     early_stop: float = 1e-5
     resume: bool = True  # continue after the last finished unit of an interrupted identical run
-    compile: bool = True  # torch.compile the unit's loss (fp backend; ivit kernels have data-dependent shapes)
+    compile: bool = True  # torch.compile the unit's loss (the ivit kernels stay eager calls inside it)
 
 
 @dataclass

@@ -152,8 +152,12 @@ def test_compiled_training_step_runs_and_learns(compose_cfg, tmp_path: Path) -> 
     m = pipeline.run(cfg, tmp_path / "compiled")
     assert m["status"] == "ok" and len(m["units"]) == 10
     assert any(r["loss_after"] < r["loss_before"] for r in m["units"])
-    ivit = compose_cfg("debug=quick", "wquant=adaround", "nonlinear=ivit", "adaround.compile=true")
-    assert adaround.loss_function(ivit) is adaround.unit_recon_loss  # integer kernels stay eager
+    ivit = compose_cfg("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", "nonlinear=ivit",
+                       "adaround.compile=true", "adaround.iters=40", "data.eval_images=128")
+    assert adaround.loss_function(ivit) is not adaround.unit_recon_loss  # integer kernels: eager calls inside
+    m = pipeline.run(ivit, tmp_path / "compiled_ivit")
+    assert m["status"] == "ok" and len(m["units"]) == 10
+    assert any(r["loss_after"] < r["loss_before"] for r in m["units"])
 
 
 def test_denormals_flush_only_while_reconstructing() -> None:

@@ -19,6 +19,13 @@ from ptq.quant import audit, ivit
 from ptq.quant.qtensor import QTensor, ste_attach
 from ptq.quant.quantizers import ActQuantizer
 
+# The integer kernels read data-dependent Python integers (shifts, ranges). Under torch.compile
+# (AdaRound's training step) each runs as one opaque eager call and the float code around it
+# is compiled; without compilation these are the plain kernels.
+_shiftmax = torch.compiler.disable(ivit.shiftmax)
+_shift_gelu = torch.compiler.disable(ivit.shift_gelu)
+_int_layernorm = torch.compiler.disable(ivit.int_layernorm)
+
 
 def _needs_grad(x: QTensor) -> bool:
     """Whether a straight-through gradient must be attached (e.g. not for a unit's cached input)."""
@@ -43,7 +50,7 @@ class Backend:
         """Attention probabilities; the ivit output is UINT(out_bits) at scale 2^-(out_bits-1)."""
         if self.integer and x.integer:
             with torch.no_grad():
-                p, s = ivit.shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, self.softmax_out_bits)
+                p, s = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, self.softmax_out_bits)
             audit.record(name, p, self.softmax_out_bits, signed=False)
             s = s.to(torch.float32)
             soft = F.softmax(x.real(), dim=-1) / s if _needs_grad(x) else None
@@ -55,7 +62,7 @@ class Backend:
         """GELU, requantized by ``out_q`` (INT8 at W?A8)."""
         if self.integer and x.integer:
             with torch.no_grad():
-                g, s = ivit.shift_gelu(x.v.detach(), x.s.detach(), self.gelu_n, self.gelu_sig_bits)
+                g, s = _shift_gelu(x.v.detach(), x.s.detach(), self.gelu_n, self.gelu_sig_bits)
             audit.record(name, g, 32)
             s = s.to(torch.float32)
             # no grad: g stays int64 (q * g needs abits + sig_bits - 2 bits, past float32's 2**24 at A16)
@@ -67,7 +74,7 @@ class Backend:
         """LayerNorm of the residual stream (INT16 in), requantized by ``out_q`` (INT8)."""
         if self.integer and x.integer:
             with torch.no_grad():
-                y, s = ivit.int_layernorm(x.v.detach(), x.s.detach(), ln.weight.detach(), ln.bias.detach())
+                y, s = _int_layernorm(x.v.detach(), x.s.detach(), ln.weight.detach(), ln.bias.detach())
             audit.record(name, y, 32)
             s = s.to(torch.float32)
             if _needs_grad(x):
