@@ -7,7 +7,7 @@ mmap threshold) measures, on the embedded tiny model and on a randomly initialis
 * evaluation throughput of the float torchvision model, the calibrated W8A8 ``QuantViT``
   with float nonlinear ops (``fp``) and with the integer I-ViT backend (``ivit``);
 * the time of one AdaRound iteration (the loop body of ``ptq.recon.adaround.train_unit``,
-  timed inside the real function, so compiled for the fp backend as in a run) for layer,
+  timed inside the real function, so compiled as in a run) for layer,
   block and encoder units, next to one plain eager
   forward+backward of the same float unit on the same batch;
 * calibration throughput (observe mode) and its peak memory;
@@ -437,19 +437,19 @@ def quant_units(q: QuantViT, b: int) -> dict[str, tuple[str, nn.Module]]:
             "encoder": (f"blocks.{b}", blk)}
 
 
-def _adaround_cfg(plan: Plan, backend: str) -> SimpleNamespace:
-    """The run config ``train_unit`` reads: defaults (so the fp backend's step is compiled, as in a run)
+def _adaround_cfg(plan: Plan, backend: str, compile_step: bool = True) -> SimpleNamespace:
+    """The run config ``train_unit`` reads: defaults (so the step is compiled, as in a run)
     but for iterations and batch size."""
-    ada = AdaRoundConfig(iters=plan.ada_iters + 1, batch_size=plan.ada_batch, early_stop=0.0)
+    ada = AdaRoundConfig(iters=plan.ada_iters + 1, batch_size=plan.ada_batch, early_stop=0.0, compile=compile_step)
     return SimpleNamespace(adaround=ada, lsq=LSQConfig(enabled=True), nonlinear=SimpleNamespace(name=backend))
 
 
 def time_adaround_iters(name: str, unit: nn.Module, inputs: Cached, targets: Cached, plan: Plan,
-                        device: torch.device, seed: int, backend: str) -> tuple[list[float], float]:
+                        device: torch.device, seed: int, run_cfg: SimpleNamespace) -> tuple[list[float], float]:
     """Per-iteration seconds of ``train_unit`` on this unit (first dropped) and the whole call's seconds."""
     stamps: list[float] = []
     with _iteration_clock(stamps, device):
-        total = time_call(lambda: adaround.train_unit(name, unit, inputs, targets, _adaround_cfg(plan, backend), device,
+        total = time_call(lambda: adaround.train_unit(name, unit, inputs, targets, run_cfg, device,
                                                       seed), device)
     gaps = [b - a for a, b in itertools.pairwise(stamps)][1:]
     if not gaps:  # train_unit no longer iterates through adaround.tqdm: fall back to the whole call
@@ -472,7 +472,8 @@ def time_float_steps(unit: nn.Module, x: Tensor, y: Tensor, n: int, device: torc
 
 
 def _bench_unit(kind: str, named: tuple[str, nn.Module], twin_unit: nn.Module, float_unit: nn.Module, q: QuantViT,
-                twin: QuantViT, imgs: Tensor, plan: Plan, device: torch.device, backend: str) -> dict[str, Any]:
+                twin: QuantViT, imgs: Tensor, plan: Plan, device: torch.device,
+                run_cfg: SimpleNamespace) -> dict[str, Any]:
     """Median AdaRound iteration and float forward+backward seconds of one unit, over ``plan.ada_repeats``."""
     name, unit = named
     inputs = capture(q, unit, imgs, device, "input", plan.calib_batch)
@@ -483,7 +484,7 @@ def _bench_unit(kind: str, named: tuple[str, nn.Module], twin_unit: nn.Module, f
     flt_med: list[float] = []
     totals: list[float] = []
     for r in range(plan.ada_repeats):
-        gaps, total = time_adaround_iters(name, unit, inputs, targets, plan, device, seed=r, backend=backend)
+        gaps, total = time_adaround_iters(name, unit, inputs, targets, plan, device, seed=r, run_cfg=run_cfg)
         flt = time_float_steps(float_unit, x, y, plan.ada_iters, device)
         ada_med.append(_median(gaps))
         flt_med.append(_median(flt))
@@ -500,7 +501,7 @@ def _bench_unit(kind: str, named: tuple[str, nn.Module], twin_unit: nn.Module, f
 
 
 def bench_adaround(model: VisionTransformer, calib: Tensor, plan: Plan, device: torch.device,
-                   backend: str) -> dict[str, Any]:
+                   backend: str, compile_step: bool = True) -> dict[str, Any]:
     """AdaRound iteration vs float forward+backward for layer, block and encoder units of the middle block."""
     st = QuantSettings(wbits=4, abits=8, backend=Backend(backend))
     q = calibrated(model, st, calib, plan.calib_batch, device)
@@ -515,13 +516,13 @@ def bench_adaround(model: VisionTransformer, calib: Tensor, plan: Plan, device: 
     if imgs.shape[0] < plan.ada_batch:
         imgs = imgs.repeat(math.ceil(plan.ada_batch / imgs.shape[0]), 1, 1, 1)[:max(plan.ada_batch, imgs.shape[0])]
     out: dict[str, Any] = {
-        "settings": f"W4A8 {backend}, LSQ", "block": b, "batch": plan.ada_batch, "iters": plan.ada_iters,
+        "settings": f"W4A8 {backend}, LSQ, {'compiled' if compile_step else 'eager'}", "block": b, "batch": plan.ada_batch, "iters": plan.ada_iters,
         "repeats": plan.ada_repeats, "cache_images": imgs.shape[0], "units": {},
     }
     for kind in tqdm(qu, desc="adaround units", leave=False):
         with adaround.flush_denormals():  # as reconstruct_model runs it
             out["units"][kind] = _bench_unit(kind, qu[kind], tu[kind][1], fu[kind], q, twin, imgs, plan, device,
-                                             backend)
+                                             _adaround_cfg(plan, backend, compile_step))
     t0 = time.perf_counter()
     out["memory"] = bench_cache_memory(q, twin, calib, plan, device)
     log.info("cache memory measured in %.1fs", time.perf_counter() - t0)
@@ -625,7 +626,7 @@ def cache_report(name: str, model: VisionTransformer, measured: dict[str, Any], 
 # ----------------------------------------------------------------------------- driver
 
 
-def bench_model(name: str, quick: bool, device: torch.device, backend: str) -> dict[str, Any]:
+def bench_model(name: str, quick: bool, device: torch.device, backend: str, compile_step: bool = True) -> dict[str, Any]:
     """Every measurement for one model."""
     plan = PLANS[(name, quick)]
     model, meta = build_model(name, plan)
@@ -636,7 +637,7 @@ def bench_model(name: str, quick: bool, device: torch.device, backend: str) -> d
     res, _ = bench_eval(model, calib[:plan.calib_images], images, plan, device)
     log.info("%s: calibration and eval measured in %.1fs", name, time.perf_counter() - t0)
     t1 = time.perf_counter()
-    ada = bench_adaround(model, calib, plan, device, backend)
+    ada = bench_adaround(model, calib, plan, device, backend, compile_step)
     log.info("%s: AdaRound and caches measured in %.1fs", name, time.perf_counter() - t1)
     units = ada["units"]
     ratios = {
@@ -656,7 +657,8 @@ def _arch(model: VisionTransformer) -> dict[str, int]:
             "hidden_dim": model.hidden_dim, "mlp_dim": model.mlp_dim, "num_classes": model.num_classes}
 
 
-def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto", backend: str = "fp") -> dict[str, Any]:
+def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto", backend: str = "fp",
+              compile_step: bool = True) -> dict[str, Any]:
     """Run the benchmark; the JSON-ready result."""
     device = resolve_device(device_name)
     result: dict[str, Any] = {
@@ -664,7 +666,7 @@ def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto", bac
         "machine": machine_info(device), "targets": TARGETS, "models": {},
     }
     for name in models:
-        result["models"][name] = bench_model(name, quick, device, backend)
+        result["models"][name] = bench_model(name, quick, device, backend, compile_step)
     primary = "vit_b_16" if "vit_b_16" in result["models"] else models[0]
     result["ratios_model"] = primary
     result["ratios"] = dict(result["models"][primary]["ratios"])
@@ -790,8 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="tiny,vit_b_16", help="comma-separated subset of tiny,vit_b_16")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     p.add_argument("--adaround-backend", default="fp", choices=("fp", "ivit"),
-                   help="nonlinear backend of the AdaRound units (fp: compiled, what `wquant=adaround wbits=4` "
-                        "runs; ivit: eager, the integer table rows)")
+                   help="nonlinear backend of the AdaRound units (fp: what `wquant=adaround wbits=4` runs; "
+                        "ivit: the integer table rows)")
+    p.add_argument("--adaround-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the compiled AdaRound step, as runs do (adaround.compile); --no-adaround-compile: eager")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 gives steadier timings on a busy machine)")
     p.add_argument("--tune-malloc", action="store_true",
@@ -819,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         malloc_tuned = tune_malloc() if args.tune_malloc else False
         try:
-            result = run_bench(models, args.quick, args.device, args.adaround_backend)
+            result = run_bench(models, args.quick, args.device, args.adaround_backend, args.adaround_compile)
         finally:
             torch.set_num_threads(threads)
         result["machine"]["malloc_tuned"] = malloc_tuned
