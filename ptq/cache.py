@@ -12,11 +12,12 @@ import hashlib
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ptq.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,8 @@ class StageCache:
         torch.save(obj, buf)
         payload = buf.getvalue()
         meta_path.unlink(missing_ok=True)
-        tmp = data_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(payload)
-        os.replace(tmp, data_path)
+        with atomic_path(data_path) as tmp:
+            tmp.write_bytes(payload)
         meta = {"sha256": hashlib.sha256(payload).hexdigest(), "stage": stage, "spec": spec}
-        tmp_meta = meta_path.with_suffix(f".tmp{os.getpid()}")
-        tmp_meta.write_text(json.dumps(meta, sort_keys=True, default=str))
-        os.replace(tmp_meta, meta_path)
+        with atomic_path(meta_path) as tmp:
+            tmp.write_text(json.dumps(meta, sort_keys=True, default=str))

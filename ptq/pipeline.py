@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ptq import naming
+from ptq.atomic import atomic_path
 from ptq.cache import StageCache, file_digest
 from ptq.config import ConfigError, validate
 from ptq.data import build as data_build
@@ -123,9 +123,8 @@ def data_identity(cfg: Any) -> dict[str, Any]:
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     """Atomic JSON write: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 @contextmanager

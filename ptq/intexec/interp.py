@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ptq.atomic import atomic_path
 from ptq.quant import ivit
 from ptq.quant.qtensor import qrange
 
@@ -99,9 +100,8 @@ def save_program(program: Program, out_dir: Path | str) -> Path:
     graph = dict(program.graph)
     graph["tensors_file"] = TENSORS_FILE
     graph["tensors_sha256"] = _sha256(out / TENSORS_FILE)
-    tmp = out / (GRAPH_FILE + ".tmp")
-    tmp.write_text(dump_graph(graph))
-    tmp.replace(out / GRAPH_FILE)
+    with atomic_path(out / GRAPH_FILE) as tmp:
+        tmp.write_text(dump_graph(graph))
     log.info("integer program (%d ops, %d constants) written to %s", len(graph["ops"]), len(tensors), out)
     return out
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ptq.atomic import atomic_path
 from ptq.cache import spec_key
 from ptq.quant.qtensor import QTensor, qrange
 from ptq.quant.quantizers import SCALE_EPS, ActQuantizer, WeightQuantizer, channel_view
@@ -361,9 +361,8 @@ def resume_key(cfg: Any) -> str:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _load_resume(index: Path, qmodel: QuantViT) -> dict[str, Any] | None:

@@ -8,10 +8,11 @@ the rounding regularizer against the iteration (it falls to 0 as every h(V) reac
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ptq.atomic import atomic_path
 
 MAX_LEGEND_UNITS = 12
 
@@ -48,7 +49,6 @@ def plot_reconstruction(records: Sequence[Mapping[str, Any]], curves: Mapping[st
     ax_bar.set(yscale="log", ylabel="reconstruction loss (check batch)", title="Per unit: before and after")
     ax_bar.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path
