@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptq.quant import ivit
+from ptq.quant import ivit, requant
 
 CAP = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -125,7 +125,7 @@ def test_dyadic_matches_reference_and_error_bound() -> None:
     vals += [1.0, 0.5, 0.75, -0.5, 2.0**-40, 2.0**40, 1 - 2.0**-40, 3e-10, 1e3, 0.0]
     for dtype in (torch.float64, torch.float32):
         r = torch.tensor(vals, dtype=dtype)
-        m, e = ivit.dyadic(r)
+        m, e = requant.dyadic(r)
         assert m.dtype == torch.int64 and e.dtype == torch.int64
         for rv, mv, ev in zip(r.tolist(), m.tolist(), e.tolist(), strict=True):
             assert (mv, ev) == ref_dyadic(rv)
@@ -133,7 +133,7 @@ def test_dyadic_matches_reference_and_error_bound() -> None:
                 assert abs(Fraction(mv) / Fraction(2) ** ev - Fraction(rv)) <= abs(Fraction(rv)) * Fraction(
                     1, 2**31
                 )
-    m0, e0 = ivit.dyadic(0.3)
+    m0, e0 = requant.dyadic(0.3)
     assert m0.dim() == 0 and (int(m0), int(e0)) == ref_dyadic(0.3)
 
 
@@ -141,10 +141,10 @@ def test_dyadic_half_up_and_top_mantissa() -> None:
     """Exact .5 rounds up in magnitude (sign kept); M just below 1 gives m = 2**31 exactly."""
     k = 2**30  # even k: half-up, not half-even
     ratios = [(k + 0.5) / 2**31, (k + 1.5) / 2**31, -(k + 0.5) / 2**31, -(k + 1.5) / 2**31, 1 - 2.0**-35]
-    m, e = ivit.dyadic(torch.tensor(ratios, dtype=torch.float64))
+    m, e = requant.dyadic(torch.tensor(ratios, dtype=torch.float64))
     assert m.tolist() == [k + 1, k + 2, -(k + 1), -(k + 2), 2**31]
     assert e.tolist() == [31, 31, 31, 31, 31]
-    m, e = ivit.dyadic(torch.tensor([(k + 0.5) * 2.0**-50], dtype=torch.float64))
+    m, e = requant.dyadic(torch.tensor([(k + 0.5) * 2.0**-50], dtype=torch.float64))
     assert (m.item(), e.item()) == (k + 1, 50)
 
 
@@ -162,7 +162,7 @@ def test_requantize_random_vs_reference(bits: int, signed: bool, clamp: bool) ->
         q = torch.randint(-mag, mag + 1, (40,), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
         if not clamp:
             q = q.clamp(-(2**32), 2**32)
-        out = ivit.requantize(q, s_in, s_out, bits, signed, clamp=clamp)
+        out = requant.requantize(q, s_in, s_out, bits, signed, clamp=clamp)
         assert out.dtype == torch.int64
         expect = [ref_requantize(v, s_in, s_out, bits, signed, clamp) for v in q.tolist()]
         assert out.tolist() == expect
@@ -176,7 +176,7 @@ def test_requantize_per_channel_wide_ratios() -> None:
     s_out = torch.tensor(0.7, dtype=torch.float32)
     q = torch.randint(-(2**31), 2**31, (3, 5, c), generator=gen)
     for bits, signed in [(8, True), (32, True), (8, False)]:
-        out = ivit.requantize(q, s_in, s_out, bits, signed)
+        out = requant.requantize(q, s_in, s_out, bits, signed)
         assert out.shape == q.shape
         for row in range(15):
             qs = q.reshape(15, c)[row].tolist()
@@ -186,7 +186,7 @@ def test_requantize_per_channel_wide_ratios() -> None:
     # per-channel s_out too, unclamped (residual-add style)
     s_out_c = torch.exp(torch.empty(c).uniform_(-3, 3, generator=gen)).float()
     qq = q.clamp(-(2**20), 2**20)
-    out = ivit.requantize(qq, s_in, s_out_c, 16, clamp=False)
+    out = requant.requantize(qq, s_in, s_out_c, 16, clamp=False)
     flat_q, flat_o = rows(qq), rows(out)
     for qs, os_ in zip(flat_q, flat_o, strict=True):
         assert os_ == [
@@ -205,7 +205,7 @@ def _all_paths(q: torch.Tensor, m: torch.Tensor, e: torch.Tensor, lo: int, hi: i
         paths.append("float")
     if int(e.min()) >= 1 and qa * ma < 2**62:
         paths.append("int")
-    return [ivit._apply_dyadic(q, m, e, lo, hi, clamp, path=p).tolist() for p in paths]
+    return [requant.apply_dyadic(q, m, e, lo, hi, clamp, path=p).tolist() for p in paths]
 
 
 def test_requantize_ties_all_paths() -> None:
@@ -235,7 +235,7 @@ def test_requantize_ties_all_paths() -> None:
     # the same through float32 scales: ratio 3 * 2**-j, q chosen so 3q / 2**j = k + 0.5
     for j in [1, 2, 4, 10]:
         q = torch.tensor([k * 2 ** (j - 1) for k in range(-41, 42, 2)])  # odd k -> 3q/2**j = 1.5k
-        out = ivit.requantize(q, 3 * 2.0**-j, 1.0, 16)
+        out = requant.requantize(q, 3 * 2.0**-j, 1.0, 16)
         assert out.tolist() == [ref_requantize(v, 3 * 2.0**-j, 1.0, 16, True, True) for v in q.tolist()]
 
 
@@ -261,11 +261,11 @@ def test_requantize_paths_agree_random() -> None:
                 assert got == expect
     # the fast path is what a typical INT32 accumulator at ratio ~1e-3 takes, and it is exact
     q = torch.randint(-(2**20), 2**20, (1000,), generator=gen)
-    m, e = ivit.dyadic(torch.tensor(1.234e-3))
-    fast = ivit._apply_dyadic(q, m, e, -128, 127, path="float")
-    assert torch.equal(fast, ivit._apply_dyadic(q, m, e, -128, 127, path="int"))
-    assert torch.equal(fast, ivit._apply_dyadic(q, m, e, -128, 127, path="general"))
-    assert torch.equal(fast, ivit.requantize(q, 1.234e-3, 1.0, 8))
+    m, e = requant.dyadic(torch.tensor(1.234e-3))
+    fast = requant.apply_dyadic(q, m, e, -128, 127, path="float")
+    assert torch.equal(fast, requant.apply_dyadic(q, m, e, -128, 127, path="int"))
+    assert torch.equal(fast, requant.apply_dyadic(q, m, e, -128, 127, path="general"))
+    assert torch.equal(fast, requant.requantize(q, 1.234e-3, 1.0, 8))
 
 
 def test_requantize_extreme_shifts() -> None:
@@ -273,23 +273,23 @@ def test_requantize_extreme_shifts() -> None:
     big = [2**32 - 1, -(2**32 - 1), 2**31, -(2**31), 3 * 2**30, 12345, -1, 0]
     # e = 63: ratio in [2**-33, 2**-32): (2**32 - 1) * m / 2**63 rounds to +-1 or 0
     for ratio in [1.9 * 2.0**-33, 1.01 * 2.0**-33, 2.0**-33, 1e-12, 3e-15]:
-        m, e = ivit.dyadic(torch.tensor(ratio, dtype=torch.float64))
+        m, e = requant.dyadic(torch.tensor(ratio, dtype=torch.float64))
         assert int(e) >= 63
         q = torch.tensor(big)
         expect = [ref_apply(v, int(m), int(e), None, None) for v in big]
         for got in _all_paths(q, m, e, -(2**31), 2**31 - 1, False):
             assert got == expect
-    m, e = ivit.dyadic(torch.tensor(1.9 * 2.0**-33, dtype=torch.float64))
-    assert ivit._apply_dyadic(torch.tensor([2**32 - 1, -(2**32 - 1)]), m, e, -8, 7, False).tolist() == [1, -1]
+    m, e = requant.dyadic(torch.tensor(1.9 * 2.0**-33, dtype=torch.float64))
+    assert requant.apply_dyadic(torch.tensor([2**32 - 1, -(2**32 - 1)]), m, e, -8, 7, False).tolist() == [1, -1]
     # e <= 0: ratio >= 2**30
     for s_in in [1.25 * 2.0**31, 2.0**40, 3.0 * 2.0**50]:
         q = torch.tensor([-5, -3, -1, 0, 1, 2, 3, 2**20, -(2**20)])
-        m, e = ivit.dyadic(torch.tensor(f32(s_in), dtype=torch.float64))
+        m, e = requant.dyadic(torch.tensor(f32(s_in), dtype=torch.float64))
         assert int(e) <= 0
         for bits, signed in [(32, True), (8, False), (4, True)]:
-            out = ivit.requantize(q, s_in, 1.0, bits, signed)
+            out = requant.requantize(q, s_in, 1.0, bits, signed)
             assert out.tolist() == [ref_requantize(v, s_in, 1.0, bits, signed, True) for v in q.tolist()]
-        out = ivit.requantize(q, s_in, 1.0, 32, clamp=False)
+        out = requant.requantize(q, s_in, 1.0, 32, clamp=False)
         expect = [ref_apply(v, int(m), int(e), None, None) for v in q.tolist()]
         expect = [max(-INT64_MAX, min(INT64_MAX, v)) for v in expect]  # saturates beyond int64
         assert out.tolist() == expect
@@ -300,7 +300,7 @@ def test_requantize_extreme_shifts() -> None:
     q[1] = 1
     q[2] = -(2**31)
     for bits, signed in [(32, True), (8, True), (8, False)]:
-        out = ivit.requantize(q, s_in, 1.0, bits, signed)
+        out = requant.requantize(q, s_in, 1.0, bits, signed)
         for qr, orow in zip(q.tolist(), out.tolist(), strict=True):
             assert orow == [
                 ref_requantize(v, s_in[i].item(), 1.0, bits, signed, True) for i, v in enumerate(qr)
@@ -308,7 +308,7 @@ def test_requantize_extreme_shifts() -> None:
     # huge q (I-LayerNorm outputs with saturated b reach 2**58): exact where e >= 31
     q = torch.tensor([[2**58 + 12345, -(2**58) - 1, 2**59, 3**36]] * 3)
     s_in = torch.tensor([1e-20, 1e-12, 3e-9, 1e-3], dtype=torch.float32)
-    out = ivit.requantize(q, s_in, 1.0, 32)
+    out = requant.requantize(q, s_in, 1.0, 32)
     for qr, orow in zip(q.tolist(), out.tolist(), strict=True):
         assert orow == [ref_requantize(v, s_in[i].item(), 1.0, 32, True, True) for i, v in enumerate(qr)]
 
@@ -316,7 +316,7 @@ def test_requantize_extreme_shifts() -> None:
 def test_requantize_input_types_and_clamp_int() -> None:
     """int32/int64/float32/float64 q and float/0-d/1-element scales give identical results."""
     q = torch.randint(-(2**15), 2**15, (4, 6), generator=torch.Generator().manual_seed(6))
-    want = ivit.requantize(q, 0.013, 0.2, 8)
+    want = requant.requantize(q, 0.013, 0.2, 8)
     assert want.tolist() == [[ref_requantize(v, 0.013, 0.2, 8, True, True) for v in r] for r in q.tolist()]
     for qq in (q.int(), q.float(), q.double()):
         for s_in, s_out in [
@@ -324,18 +324,18 @@ def test_requantize_input_types_and_clamp_int() -> None:
             (0.013, torch.tensor([0.2])),
             (torch.tensor(0.013).double(), 0.2),
         ]:
-            assert torch.equal(ivit.requantize(qq, s_in, s_out, 8), want)
-    assert ivit.requantize(torch.empty(0, 3), 1.0, 1.0, 8).shape == (0, 3)
+            assert torch.equal(requant.requantize(qq, s_in, s_out, 8), want)
+    assert requant.requantize(torch.empty(0, 3), 1.0, 1.0, 8).shape == (0, 3)
     assert ivit.shiftmax(torch.empty(2, 0), 0.1)[0].shape == (2, 0)
     assert ivit.shift_gelu(torch.empty(0, 4), 0.1)[0].shape == (0, 4)
-    zero_d = ivit.requantize(torch.tensor(5), 0.3, 0.1, 8)
+    zero_d = requant.requantize(torch.tensor(5), 0.3, 0.1, 8)
     assert zero_d.shape == () and zero_d.item() == ref_requantize(5, 0.3, 0.1, 8, True, True)
     x = torch.tensor([-300, -129, -128, 0, 127, 128, 300])
-    assert ivit.clamp_int(x, 8).tolist() == [-128, -128, -128, 0, 127, 127, 127]
-    assert ivit.clamp_int(x, 8, signed=False).tolist() == [0, 0, 0, 0, 127, 128, 255]
-    assert ivit.clamp_int(x.float(), 4).dtype == torch.int64
+    assert requant.clamp_int(x, 8).tolist() == [-128, -128, -128, 0, 127, 127, 127]
+    assert requant.clamp_int(x, 8, signed=False).tolist() == [0, 0, 0, 0, 127, 128, 255]
+    assert requant.clamp_int(x.float(), 4).dtype == torch.int64
     with pytest.raises(ValueError):
-        ivit.requantize(q, 1.0, 1.0, 33)
+        requant.requantize(q, 1.0, 1.0, 33)
 
 
 # ----------------------------------------------------------------------------- int_exp / shiftmax

@@ -6,8 +6,8 @@ program reproduces it bit for bit:
 * weights: ``lin.quantized_weight()`` (nearest or AdaRound hard rounding), stored int8;
 * biases: ``round(b / s_acc)`` in float64 with ``s_acc = s_x * s_w`` formed in float32
   (``QLinear.forward``), clamped to +-(2**31 - 1), stored int32;
-* dyadic multipliers: ``ivit.dyadic`` of the float64 ratio of the float32 scales, the
-  same ratio ``ivit.requantize`` forms (per channel for accumulators and LN outputs; the
+* dyadic multipliers: ``requant.multiplier`` of the float32 scales, the
+  same ``(m, e)`` that ``requant.requantize`` applies (per channel for accumulators and LN outputs; the
   1/sqrt(d) of the scores folded into their float32 scale as ``int_matmul`` does);
 * class token + position embedding: ``round(const / s_res)`` in float64
   (``ActQuantizer.add`` with a float operand);
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ptq.intexec.interp import FORMAT, VERSION, Program
-from ptq.quant import ivit
+from ptq.quant import ivit, requant
 from ptq.quant.nonlinear import Backend
 from ptq.quant.quantizers import ActQuantizer
 from ptq.quant.vit import INT32_MAX, QMLP, QAttention, QLinear, QuantViT
@@ -50,8 +50,8 @@ def _json_int(t: Tensor) -> int | list[int]:
 
 
 def dyadic_of(s_in: Tensor, s_out: Tensor) -> tuple[Tensor, Tensor]:
-    """``(m, e)`` of the ratio ``s_in / s_out`` exactly as ``ivit.requantize`` forms it."""
-    return ivit.dyadic(ivit._scale_f64(_cpu(s_in)) / ivit._scale_f64(_cpu(s_out)))
+    """``(m, e)`` of the ratio ``s_in / s_out``: the one ``requant.requantize`` applies."""
+    return requant.multiplier(_cpu(s_in), _cpu(s_out))
 
 
 def _storage(t: Tensor) -> Tensor:

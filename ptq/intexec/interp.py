@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ptq.atomic import atomic_path
-from ptq.quant import ivit
+from ptq.quant import ivit, requant
 from ptq.quant.qtensor import qrange
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def _param(x: int | list[int], device: torch.device) -> Tensor:
 def apply_dyadic(q: Tensor, m: Tensor, e: Tensor, bits: int, signed: bool, clamp: bool) -> Tensor:
     """``round_half_to_even(q * m / 2**e)`` (clamped to ``bits`` when ``clamp``) on integers only.
 
-    Delegates to ``ivit``'s dyadic application and forces one of its integer paths:
+    Delegates to ``ptq.quant.requant``'s dyadic application and forces one of its integer paths:
     ``int`` (one int64 product and a rounding shift) when ``|q| * 2**31 < 2**62`` and
     ``e >= 1``, else ``general`` (exact for ``|q| <= 2**59``); never its float64 path.
     """
@@ -166,7 +166,7 @@ def apply_dyadic(q: Tensor, m: Tensor, e: Tensor, bits: int, signed: bool, clamp
     qmin, qmax = torch.aminmax(q)
     q_abs = max(-int(qmin), int(qmax)) if q.numel() else 0
     path = "int" if int(e.min()) >= 1 and q_abs < 2**31 else "general"
-    return ivit._apply_dyadic(q, m, e, lo, hi, clamp, path=path)
+    return requant.apply_dyadic(q, m, e, lo, hi, clamp, path=path)
 
 
 class Interpreter:
@@ -250,7 +250,7 @@ def _requantize(op: dict, p: dict, x: Tensor) -> Tensor:
 
 
 def _add(op: dict, p: dict, a: Tensor, b: Tensor) -> Tensor:
-    return ivit.clamp_int(a + b, op["bits"], op["signed"])
+    return requant.clamp_int(a + b, op["bits"], op["signed"])
 
 
 def _slice(op: dict, p: dict, x: Tensor) -> Tensor:

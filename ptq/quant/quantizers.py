@@ -3,7 +3,7 @@
 - :class:`WeightQuantizer`: symmetric per-output-channel absmax, nearest rounding.
 - :class:`ActQuantizer`: symmetric per-tensor moving-average absmax; optional
   LSQ (learned step size). It requantizes integer accumulators with the
-  dyadic multiplier (``ptq.quant.ivit.requantize``) so the simulation is
+  dyadic multiplier (``ptq.quant.requant.requantize``) so the simulation is
   what integer hardware computes.
 
 :func:`absmax_scale` is the one place a scale is derived from a range.
@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ptq.quant import audit, ivit
+from ptq.quant import audit, requant
 from ptq.quant.qtensor import QTensor, fake_quant, grad_scale, qmax, qrange
 
 SCALE_EPS = 1e-8
@@ -128,7 +128,7 @@ class ActQuantizer(nn.Module):
             return QTensor.from_float(real)
         s = self._step(x.v)
         if x.integer and not torch.is_grad_enabled():
-            q = ivit.requantize(x.v, x.s, self.scale.detach(), self.bits, self.signed).to(torch.float32)
+            q = requant.requantize(x.v, x.s, self.scale.detach(), self.bits, self.signed).to(torch.float32)
         else:
             # training (or a float input): fake quantization of the real value. For an integer input it
             # equals the dyadic requantizer except where x*s_in/s_out lies within 2**-31 of a rounding tie.
@@ -147,12 +147,12 @@ class ActQuantizer(nn.Module):
             s = self._step(a.v)
             return self._emit(fake_quant(a.real() + b.real(), s, *qrange(self.bits, self.signed)), s)
         sd = self.scale
-        qa = ivit.requantize(a.v, a.s, sd, self.bits, self.signed, clamp=False)
+        qa = requant.requantize(a.v, a.s, sd, self.bits, self.signed, clamp=False)
         if b.integer:
-            qb = ivit.requantize(b.v, b.s, sd, self.bits, self.signed, clamp=False)
+            qb = requant.requantize(b.v, b.s, sd, self.bits, self.signed, clamp=False)
         else:
             qb = torch.round(b.real().double() / sd.double()).to(torch.int64)
-        return self._emit(ivit.clamp_int(qa + qb, self.bits, self.signed).to(torch.float32), sd)
+        return self._emit(requant.clamp_int(qa + qb, self.bits, self.signed).to(torch.float32), sd)
 
     def extra_repr(self) -> str:
         kind = "int" if self.signed else "uint"
