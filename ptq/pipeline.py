@@ -10,115 +10,30 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch import nn
 
-from ptq import naming
+from ptq import calib, naming
 from ptq.atomic import atomic_path
-from ptq.cache import StageCache, file_digest
-from ptq.config import ConfigError, validate
+from ptq.cache import StageCache
+from ptq.config import validate
 from ptq.data import build as data_build
+from ptq.evaluate import fidelity, float_baseline, predict, topk_accuracy
 from ptq.models.zoo import check_model_inputs, load_model
 from ptq.quant import audit
-from ptq.quant.nonlinear import Backend
-from ptq.quant.vit import QuantSettings, QuantViT
-from ptq.runtime import tune_malloc
+from ptq.quant.vit import QuantViT
+from ptq.runspec import eval_set as eval_subset
+from ptq.runspec import resolve_device, row_of, settings_of
+from ptq.runtime import seed_everything, set_threads, tune_malloc
 
 log = logging.getLogger(__name__)
-
-EVAL_SUBSET_SEED = 0  # the eval subset is the same for every run seed, so the float baseline is shared
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` = CUDA when present; asking for CUDA without one is a config error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
-    return torch.device(name)
-
-
-def set_threads(threads: int | None, device: torch.device) -> None:
-    """On CUDA, TF32 off (exactness); on the CPU, ``threads`` intra-op threads when given, else torch's
-    default (one per core, or what OMP_NUM_THREADS says, e.g. inside a parallel joblib sweep job).
-
-    Measured on the 2-core machine with nothing else running: the embedded default's AdaRound
-    iterations run 1.4-1.7x faster with 2 threads than with 1, and its evaluation 1.5-1.6x faster.
-    """
-    if device.type == "cuda":
-        # exact integer accumulation in float32 GEMMs needs full fp32 products: no TF32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        return
-    if device.type == "cpu" and threads is not None:
-        torch.set_num_threads(threads)
-    log.info("CPU threads: %d", torch.get_num_threads())
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def row_of(cfg: Any) -> dict[str, Any]:
-    """The config fields that name this run's results-table row (see ptq.naming)."""
-    return {
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "wquant": cfg.wquant.name,
-        "wbits": int(cfg.wbits),
-        "aquant": cfg.aquant.name,
-        "abits": int(cfg.abits),
-        "nonlinear": cfg.nonlinear.name,
-        "granularity": cfg.granularity.name if cfg.wquant.name == "adaround" else None,
-        "lsq": bool(cfg.lsq.enabled) if cfg.wquant.name == "adaround" else False,
-        "quant_io": bool(cfg.aquant.quant_io),
-        "softmax": {"n": int(cfg.nonlinear.softmax.n), "out_bits": int(cfg.nonlinear.softmax.out_bits)},
-        "gelu": {"n": int(cfg.nonlinear.gelu.n), "sig_bits": int(cfg.nonlinear.gelu.sig_bits)},
-        "idadd_bits": int(cfg.nonlinear.idadd_bits),
-    }
-
-
-def settings_of(cfg: Any) -> QuantSettings:
-    """QuantSettings from the config (None widths where a quantizer is off)."""
-    nl = cfg.nonlinear
-    return QuantSettings(
-        wbits=None if cfg.wquant.name == "none" else int(cfg.wbits),
-        abits=None if cfg.aquant.name == "none" else int(cfg.abits),
-        idadd_bits=int(nl.idadd_bits),
-        momentum=float(cfg.aquant.momentum),
-        quant_io=bool(cfg.aquant.quant_io),
-        backend=Backend(nl.name, nl.softmax.n, nl.softmax.out_bits, nl.gelu.n, nl.gelu.sig_bits),
-    )
-
-
-def model_identity(cfg: Any) -> dict[str, Any]:
-    """What identifies the float model's weights, for cache keys."""
-    ident: dict[str, Any] = {"name": cfg.model.name}
-    if cfg.model.weights_path:
-        ident["weights_sha"] = file_digest(cfg.model.weights_path)
-    elif cfg.model.name == "tiny_digits":
-        from ptq.models import tiny
-
-        ident["weights_sha"] = file_digest(tiny.DEFAULT_WEIGHTS)
-    else:
-        ident["weights"] = cfg.model.weights if cfg.model.pretrained else f"random-seed{cfg.seed}"
-    return ident
-
-
-def data_identity(cfg: Any) -> dict[str, Any]:
-    return {"name": cfg.data.name, "root": cfg.data.root, "image_size": cfg.data.image_size}
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -137,80 +52,6 @@ def stage(seconds: dict[str, float], name: str) -> Iterator[None]:
     finally:
         seconds[name] = round(time.perf_counter() - t0, 3)
         log.info("stage %s done in %.1fs", name, seconds[name])
-
-
-@torch.no_grad()
-def predict(model: Callable[[Tensor], Tensor], batches: DataLoader, device: torch.device, desc: str) -> tuple[Tensor, Tensor]:
-    """Logits and labels of every image, on the CPU."""
-    logits, labels = [], []
-    for x, y in tqdm(batches, desc=desc, leave=False):
-        logits.append(model(x.to(device, non_blocking=True)).float().cpu())
-        labels.append(y)
-    return torch.cat(logits), torch.cat(labels)
-
-
-@torch.no_grad()
-def calibrate(qmodel: QuantViT, batches: DataLoader, device: torch.device) -> None:
-    """Moving-average absmax over the calibration images, then fix every scale."""
-    qmodel.set_mode("observe")
-    for x, _ in tqdm(batches, desc="calibrate", leave=False):
-        qmodel(x.to(device, non_blocking=True))
-    qmodel.freeze()
-
-
-def calibration_stats(qmodel: QuantViT) -> dict[str, Tensor]:
-    """The observed state of every activation quantizer (what calibration produces)."""
-    return {k: v.detach().cpu() for k, v in qmodel.state_dict().items()
-            if k.endswith(("running_absmax", "n_batches"))}
-
-
-def calibrate_cached(cfg: Any, qmodel: QuantViT, calib_source: Any, device: torch.device,
-                     cache: StageCache, cached: dict[str, bool]) -> None:
-    """Calibrate, or load the statistics of an identical calibration from the stage cache."""
-    st = qmodel.settings
-    spec = {"model": model_identity(cfg), "data": data_identity(cfg), "seed": int(cfg.seed),
-            "calib_images": cfg.aquant.calib_images, "calib_batch_size": cfg.aquant.calib_batch_size,
-            "wbits": st.wbits, "abits": st.abits, "idadd_bits": st.idadd_bits, "momentum": st.momentum,
-            "quant_io": st.quant_io, "n_quantizers": sum(1 for _ in qmodel.act_quantizers())}
-    hit = cache.load("calibration", spec)
-    cached["calibrate"] = hit is not None
-    if hit is not None:
-        qmodel.load_state_dict(hit, strict=False)
-        qmodel.freeze()
-        return
-    calib_set = data_build.subset(calib_source, cfg.aquant.calib_images, int(cfg.seed))
-    calibrate(qmodel, data_build.loader(calib_set, cfg.aquant.calib_batch_size, cfg.data.num_workers, device), device)
-    cache.save("calibration", spec, calibration_stats(qmodel))
-
-
-def topk_accuracy(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
-    """Top-k accuracies in percent."""
-    k = min(max(ks), logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hits = top == labels[:, None]
-    return [100.0 * hits[:, : min(kk, k)].any(1).float().mean().item() for kk in ks]
-
-
-def fidelity(q_logits: Tensor, fp_logits: Tensor) -> dict[str, float]:
-    """Top-1 agreement with the float model (percent) and mean KL(float || quantized)."""
-    agreement = 100.0 * (q_logits.argmax(1) == fp_logits.argmax(1)).float().mean().item()
-    kl = F.kl_div(F.log_softmax(q_logits.double(), 1), F.log_softmax(fp_logits.double(), 1),
-                  log_target=True, reduction="batchmean").item()
-    return {"agreement": agreement, "kl": max(kl, 0.0)}
-
-
-def float_baseline(cfg: Any, model: nn.Module, eval_loader: DataLoader, device: torch.device,
-                   cache: StageCache, cached: dict[str, bool]) -> tuple[Tensor, Tensor]:
-    """Float logits and labels on the eval split, from the stage cache when present."""
-    spec = {"model": model_identity(cfg), "data": data_identity(cfg), "eval_images": cfg.data.eval_images,
-            "subset_seed": EVAL_SUBSET_SEED}
-    hit = cache.load("fp_baseline", spec)
-    cached["fp_baseline"] = hit is not None
-    if hit is not None:
-        return hit["logits"], hit["labels"]
-    logits, labels = predict(model, eval_loader, device, "float model")
-    cache.save("fp_baseline", spec, {"logits": logits, "labels": labels})
-    return logits, labels
 
 
 def reconstruct(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_source: Any, device: torch.device,
@@ -288,7 +129,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None
     fp_model = load_model(cfg).to(device)
     set_threads(cfg.threads, device)
     calib_source, eval_split = data_build.splits(cfg)
-    eval_set = data_build.subset(eval_split, cfg.data.eval_images, EVAL_SUBSET_SEED)
+    eval_set = eval_subset(cfg, eval_split)
     eval_loader = data_build.loader(eval_set, cfg.data.batch_size, cfg.data.num_workers, device)
     fp_logits, labels = float_baseline(cfg, fp_model, eval_loader, device, cache, cached)
     metrics["fp_acc1"], metrics["fp_acc5"] = topk_accuracy(fp_logits, labels)
@@ -302,7 +143,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None
         qmodel = QuantViT(fp_model, st).to(device)
         with stage(seconds, "calibrate"):
             if st.abits is not None:
-                calibrate_cached(cfg, qmodel, calib_source, device, cache, cached)
+                calib.calibrate_cached(cfg, qmodel, calib_source, device, cache, cached)
             else:
                 qmodel.set_mode("off")
         with stage(seconds, "reconstruct"):

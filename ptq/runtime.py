@@ -1,9 +1,12 @@
-"""Process-level settings that make CPU runs faster without changing any result."""
+"""Process-level settings: threads, seeds, and allocator tuning that makes CPU runs faster without changing any result."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import random
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -25,3 +28,26 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
         return False
     log.debug("glibc malloc thresholds raised: %s", ok)
     return ok
+
+
+def set_threads(threads: int | None, device: torch.device) -> None:
+    """On CUDA, TF32 off (exactness); on the CPU, ``threads`` intra-op threads when given, else torch's
+    default (one per core, or what OMP_NUM_THREADS says, e.g. inside a parallel joblib sweep job).
+
+    Measured on the 2-core machine with nothing else running: the embedded default's AdaRound
+    iterations run 1.4-1.7x faster with 2 threads than with 1, and its evaluation 1.5-1.6x faster.
+    """
+    if device.type == "cuda":
+        # exact integer accumulation in float32 GEMMs needs full fp32 products: no TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return
+    if device.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)
+    log.info("CPU threads: %d", torch.get_num_threads())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's global generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)

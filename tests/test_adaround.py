@@ -12,9 +12,11 @@ from torch import nn
 from conftest import small_vit
 from ptq import pipeline
 from ptq.quant.quantizers import WeightQuantizer, channel_view
+from ptq.quant.rounding import AdaRoundQuantizer
 from ptq.quant.vit import QuantSettings, QuantViT
-from ptq.recon import adaround
-from ptq.recon.adaround import AdaRoundQuantizer, units_of
+from ptq.recon import adaround, train
+from ptq.recon.adaround import units_of
+from ptq.recon.unitcache import Cached
 
 
 def test_h_starts_at_the_fractional_part_and_hard_is_nearest() -> None:
@@ -66,13 +68,13 @@ def test_training_beats_nearest_and_ends_binary(compose_cfg) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(32, 16)
     x = torch.randn(512, 32)
-    target = adaround.Cached(lin(x).detach())
+    target = Cached(lin(x).detach())
     from ptq.quant.vit import QLinear
 
     ql = QLinear(lin.weight, lin.bias, 3)
     ql.wq = AdaRoundQuantizer(ql.weight, 3)
-    inputs = adaround.Cached(x)
-    record, curve = adaround.train_unit("fc", _FloatIn(ql), inputs, target, cfg, torch.device("cpu"), seed=0)
+    inputs = Cached(x)
+    record, curve = train.train_unit("fc", _FloatIn(ql), inputs, target, cfg, torch.device("cpu"), seed=0)
     assert record["loss_after"] < record["loss_before"]
     assert record["early_stopped"] and record["iters"] < 2000
     h = ql.wq.h()
@@ -147,14 +149,14 @@ def test_compiled_training_step_runs_and_learns(compose_cfg, tmp_path: Path) -> 
     """adaround.compile (the default outside debug=quick) on the fp backend: same pipeline, compiled loss."""
     cfg = compose_cfg("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", "adaround.compile=true",
                       "adaround.iters=60", "data.eval_images=128")
-    assert adaround.loss_function(cfg) is not adaround.unit_recon_loss
-    assert torch._dynamo.config.recompile_limit >= adaround.RECOMPILE_LIMIT  # sweep jobs share the process
+    assert train.loss_function(cfg) is not train.unit_recon_loss
+    assert torch._dynamo.config.recompile_limit >= train.RECOMPILE_LIMIT  # sweep jobs share the process
     m = pipeline.run(cfg, tmp_path / "compiled")
     assert m["status"] == "ok" and len(m["units"]) == 10
     assert any(r["loss_after"] < r["loss_before"] for r in m["units"])
     ivit = compose_cfg("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", "nonlinear=ivit",
                        "adaround.compile=true", "adaround.iters=40", "data.eval_images=128")
-    assert adaround.loss_function(ivit) is not adaround.unit_recon_loss  # integer kernels: eager calls inside
+    assert train.loss_function(ivit) is not train.unit_recon_loss  # integer kernels: eager calls inside
     m = pipeline.run(ivit, tmp_path / "compiled_ivit")
     assert m["status"] == "ok" and len(m["units"]) == 10
     assert any(r["loss_after"] < r["loss_before"] for r in m["units"])
@@ -165,6 +167,6 @@ def test_denormals_flush_only_while_reconstructing() -> None:
     supported = torch.set_flush_denormal(True)
     torch.set_flush_denormal(False)
     assert (denormal * 1.0).item() > 0.0
-    with adaround.flush_denormals():
+    with train.flush_denormals():
         assert ((denormal * 1.0).item() == 0.0) == supported
     assert (denormal * 1.0).item() > 0.0

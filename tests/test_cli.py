@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ptq import pipeline
+from ptq import calib, pipeline, runspec
 
 
 def test_default_cli_run_writes_metrics(run_cli, tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_failed_run_is_recorded_not_left_running(compose_cfg, tmp_path: Path, mo
     def boom(*args, **kwargs):
         raise RuntimeError("calibration exploded")
 
-    monkeypatch.setattr(pipeline, "calibrate", boom)
+    monkeypatch.setattr(calib, "calibrate", boom)
     with pytest.raises(RuntimeError):
         pipeline.run(compose_cfg("debug=quick"), tmp_path / "f")
     m = json.loads((tmp_path / "f" / "metrics.json").read_text())
@@ -135,9 +135,9 @@ def test_experiment_configs_compose_to_their_rows(compose_cfg) -> None:
 
     names = {}
     for path in sorted((Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml")):
-        names[path.stem] = row_name(pipeline.row_of(compose_cfg(f"experiment={path.stem}")))
+        names[path.stem] = row_name(runspec.row_of(compose_cfg(f"experiment={path.stem}")))
     assert len(set(names.values())) == len(names) == 11  # every table row is a distinct configuration
     assert names["abs_w4a32"] == "W4A32-absmax-fp"
     assert names["abs_w4a4_ivit"] == "W4A4-absmax-ivit"
     assert names["adaround_block_w4a8_ivit"] == "W4A8-adaround-block-lsq-ivit"
-    assert row_name(pipeline.row_of(compose_cfg("experiment=abs_w8a32", "wbits=4"))) == "W4A32-absmax-fp"
+    assert row_name(runspec.row_of(compose_cfg("experiment=abs_w8a32", "wbits=4"))) == "W4A32-absmax-fp"

@@ -26,8 +26,8 @@ from ptq.intexec.verify import (
 from ptq.intexec.widths import needed_bits
 from ptq.quant.nonlinear import Backend
 from ptq.quant.quantizers import WeightQuantizer
+from ptq.quant.rounding import install_adaround
 from ptq.quant.vit import QuantSettings, QuantViT
-from ptq.recon.adaround import install_adaround
 
 
 def _images(n: int, size: int = 16, seed: int = 1) -> torch.Tensor:
@@ -129,7 +129,7 @@ def test_export_and_verify_and_the_cli(compose_cfg, tmp_path: Path, capsys: pyte
     """A W4A8 AdaRound run dir on the tiny-digits architecture (random weights): exact, then tampered."""
     from ptq.models.tiny import build_tiny_vit
     from ptq.models.zoo import load_model
-    from ptq.pipeline import settings_of
+    from ptq.runspec import settings_of
 
     torch.manual_seed(0)
     fp = build_tiny_vit()

@@ -20,13 +20,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ptq.intexec.build import build_program
 from ptq.intexec.interp import GRAPH_FILE, ArtefactError, Interpreter, Program, load_program, save_program
 from ptq.intexec.widths import WidthRecorder
+from ptq.models.zoo import load_model
 from ptq.quant import audit
+from ptq.quant.rounding import install_adaround
 from ptq.quant.vit import QuantViT
+from ptq.runspec import eval_set, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +59,9 @@ def load_quant_model(path: Path | str) -> tuple[QuantViT, DictConfig]:
     """Rebuild the calibrated ``QuantViT`` (on the CPU, all quantizers in ``quant`` mode) and its config.
 
     ``path`` is a run dir or a ``quant_model.pt``. The architecture comes from the
-    config (``ptq.models.zoo.load_model``, ``ptq.pipeline.settings_of``), AdaRound
+    config (``ptq.models.zoo.load_model``, ``ptq.runspec.settings_of``), AdaRound
     quantizers are installed for ``wquant=adaround``, then the saved state is loaded.
     """
-    from ptq.models.zoo import load_model
-    from ptq.pipeline import settings_of
-
     p = Path(path)
     if p.is_dir():
         p = p / QUANT_MODEL_FILE
@@ -74,8 +74,6 @@ def load_quant_model(path: Path | str) -> tuple[QuantViT, DictConfig]:
         arch.model.pretrained = False  # the saved state replaces every weight: no download needed
     qmodel = QuantViT(load_model(arch), settings_of(cfg))
     if cfg.wquant.name == "adaround":
-        from ptq.recon.adaround import install_adaround
-
         install_adaround(qmodel)
     qmodel.load_state_dict(obj["state_dict"])
     qmodel.set_mode("quant")
@@ -104,13 +102,7 @@ def input_spec_of(cfg: Any) -> dict[str, Any]:
 
 def eval_images(cfg: Any, limit: int | None = None) -> Dataset:
     """The run's eval set (the pipeline's subset of the eval split), optionally its first ``limit`` images."""
-    from torch.utils.data import Subset
-
-    from ptq.data import build as data_build
-    from ptq.pipeline import EVAL_SUBSET_SEED
-
-    _, split = data_build.splits(cfg)
-    ds = data_build.subset(split, cfg.data.eval_images, EVAL_SUBSET_SEED)
+    ds = eval_set(cfg)
     if limit is not None and limit < len(ds):  # type: ignore[arg-type]
         ds = Subset(ds, list(range(limit)))
     return ds

@@ -1,0 +1,143 @@
+"""``python -m ptq.bench``: run every measurement, write the JSON, print the table, update the README."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.models.vision_transformer import VisionTransformer
+
+from ptq.bench.adaround import bench_adaround
+from ptq.bench.evaluation import bench_eval
+from ptq.bench.memory import cache_report
+from ptq.bench.plans import DEFAULT_OUT, PLANS, TARGETS, build_model, images_for
+from ptq.bench.report import markdown_table, replace_marked_block, update_readme
+from ptq.bench.timing import machine_info
+from ptq.runspec import resolve_device
+from ptq.runtime import tune_malloc
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = "Performance benchmark: quantized evaluation, AdaRound iterations, calibration and cache memory."
+
+
+def bench_model(name: str, quick: bool, device: torch.device, backend: str, compile_step: bool = True) -> dict[str, Any]:
+    """Every measurement for one model."""
+    plan = PLANS[(name, quick)]
+    model, meta = build_model(name, plan)
+    log.info("benchmarking %s (%s) on %s", name, meta, device)
+    calib = images_for(name, model, max(plan.calib_images, plan.ada_cache_images, plan.ada_batch), "train")
+    images = images_for(name, model, plan.eval_batch, "test")
+    t0 = time.perf_counter()
+    res, _ = bench_eval(model, calib[:plan.calib_images], images, plan, device)
+    log.info("%s: calibration and eval measured in %.1fs", name, time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    ada = bench_adaround(model, calib, plan, device, backend, compile_step)
+    log.info("%s: AdaRound and caches measured in %.1fs", name, time.perf_counter() - t1)
+    units = ada["units"]
+    ratios = {
+        "eval_fp_ops": res["eval"]["fp_ops"]["ratio_to_float"],
+        "eval_ivit": res["eval"]["ivit"]["ratio_to_float"],
+        "adaround_layer": (units["layer_qkv"]["ratio"] + units["layer_fc1"]["ratio"]) / 2,
+        "adaround_block": (units["block_attn"]["ratio"] + units["block_mlp"]["ratio"]) / 2,
+        "adaround_encoder": units["encoder"]["ratio"],
+    }
+    memory = cache_report(name, model, ada.pop("memory"), device)
+    return {"model": meta | {"name": name, "arch": _arch(model)}, "plan": asdict(plan), "ratios": ratios,
+            **res, "adaround": ada, "cache_memory": memory, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _arch(model: VisionTransformer) -> dict[str, int]:
+    return {"image_size": model.image_size, "patch_size": model.patch_size, "num_layers": len(model.encoder.layers),
+            "hidden_dim": model.hidden_dim, "mlp_dim": model.mlp_dim, "num_classes": model.num_classes}
+
+
+def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto", backend: str = "fp",
+              compile_step: bool = True) -> dict[str, Any]:
+    """Run the benchmark; the JSON-ready result."""
+    device = resolve_device(device_name)
+    result: dict[str, Any] = {
+        "created": _dt.datetime.now().isoformat(timespec="seconds"), "quick": quick, "device": device.type,
+        "machine": machine_info(device), "targets": TARGETS, "models": {},
+    }
+    for name in models:
+        result["models"][name] = bench_model(name, quick, device, backend, compile_step)
+    primary = "vit_b_16" if "vit_b_16" in result["models"] else models[0]
+    result["ratios_model"] = primary
+    result["ratios"] = dict(result["models"][primary]["ratios"])
+    result["ratios_by_model"] = {k: v["ratios"] for k, v in result["models"].items()}
+    result["targets_met"] = {k: bool(v <= TARGETS[k]) for k, v in result["ratios"].items()}
+    if "vit_b_16" in result["models"]:
+        peak = result["models"]["vit_b_16"]["cache_memory"]["analytic"]["capture_peak_bytes"]
+        result["targets_met"]["cache_bytes_vit_b_16_1024"] = bool(peak <= TARGETS["cache_bytes_vit_b_16_1024"])
+    return result
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    p = argparse.ArgumentParser(prog="python -m ptq.bench", description=DESCRIPTION)
+    p.add_argument("--quick", action="store_true", help="small sizes: the whole run takes under a minute on 2 cores")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--models", default="tiny,vit_b_16", help="comma-separated subset of tiny,vit_b_16")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
+    p.add_argument("--adaround-backend", default="fp", choices=("fp", "ivit"),
+                   help="nonlinear backend of the AdaRound units (fp: what `wquant=adaround wbits=4` runs; "
+                        "ivit: the integer table rows)")
+    p.add_argument("--adaround-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the compiled AdaRound step, as runs do (adaround.compile); --no-adaround-compile: eager")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 gives steadier timings on a busy machine)")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="raise glibc's mmap/trim thresholds first (large CPU temporaries stop page-faulting)")
+    p.add_argument("--readme", type=Path, default=None, help="rewrite this file's perf:start/perf:end block")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="render --readme / the table from this JSON instead of benchmarking")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in ("tiny", "vit_b_16")]
+    if bad or not models:
+        p.error(f"--models: unknown {bad or 'empty list'}; choose from tiny,vit_b_16")
+    if args.readme is not None:  # fail before minutes of benchmarking
+        try:
+            replace_marked_block(args.readme.read_text(), "")
+        except (OSError, ValueError) as exc:
+            p.error(f"--readme {args.readme}: {exc}")
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+    else:
+        threads = torch.get_num_threads()
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        malloc_tuned = tune_malloc() if args.tune_malloc else False
+        try:
+            result = run_bench(models, args.quick, args.device, args.adaround_backend, args.adaround_compile)
+        finally:
+            torch.set_num_threads(threads)
+        result["machine"]["malloc_tuned"] = malloc_tuned
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=_json_default))
+        log.info("wrote %s", args.out)
+    print(markdown_table(result))
+    if args.readme is not None:
+        update_readme(args.readme, result)
+        log.info("updated the Performance section of %s", args.readme)
+    return 0
+

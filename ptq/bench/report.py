@@ -1,0 +1,108 @@
+"""The benchmark's Markdown table and the README "Performance" block rendered from its JSON."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ptq.bench.plans import CACHE_IMAGES, MARK_END, MARK_START, RATIO_KEYS, TARGETS
+
+log = logging.getLogger(__name__)
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.2f} GB"
+
+
+def _ok(value: float, target: float) -> str:
+    return "yes" if value <= target else "no"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """One row per measurement: quantized, float, ratio (quantized/float time) and the target."""
+    rows = ["| model | measurement | quantized | float | ratio | target | met |",
+            "| --- | --- | ---: | ---: | ---: | ---: | :---: |"]
+    for name, m in result["models"].items():
+        arch = m["model"]["arch"]
+        label = f"{name} ({arch['num_layers']}L)" if m["model"].get("reduced_depth") else name
+        ev = m["eval"]
+        for key, title in (("fp_ops", "eval W8A8 fp ops"), ("ivit", "eval W8A8 ivit")):
+            r = ev[key]["ratio_to_float"]
+            t = TARGETS[f"eval_{key}"]
+            rows.append(f"| {label} | {title}, batch {ev['batch']} (img/s) | {ev[key]['images_per_s']:.1f} | "
+                        f"{ev['float']['images_per_s']:.1f} | {r:.2f}x | <= {t:g}x | {_ok(r, t)} |")
+        cal = m["calibration"]
+        rows.append(f"| {label} | calibration, observe mode (img/s) | {cal['images_per_s']:.1f} | "
+                    f"{cal['float_images_per_s']:.1f} | {cal['ratio_to_float']:.2f}x | | |")
+        ada = m["adaround"]
+        for kind, u in ada["units"].items():
+            t = TARGETS["adaround_" + kind.split("_")[0]]
+            rows.append(f"| {label} | AdaRound {kind} `{u['unit']}`, {ada['settings']}, batch {ada['batch']} "
+                        f"(ms/iter vs fwd+bwd) | "
+                        f"{1e3 * u['adaround_iter_s']:.2f} | {1e3 * u['float_fwd_bwd_s']:.2f} | {u['ratio']:.2f}x | "
+                        f"<= {t:g}x | {_ok(u['ratio'], t)} |")
+        mem = m["cache_memory"]
+        ana, meas = mem["analytic"], mem["measured"]
+        target = TARGETS["cache_bytes_vit_b_16_1024"] if name == "vit_b_16" else None
+        tcol = f"<= {_gb(target)}" if target else ""
+        met = _ok(ana["capture_peak_bytes"], target) if target else ""
+        rows.append(f"| {name} | block caches @{CACHE_IMAGES} img, analytic (steady / capture peak) | "
+                    f"{_gb(ana['steady_bytes'])} / {_gb(ana['capture_peak_bytes'])} | | | {tcol} | {met} |")
+        rows.append(f"| {name} | block caches @{CACHE_IMAGES} img, measured & scaled (stored / RSS peak) | "
+                    f"{_gb(meas['measured_steady_bytes_at_1024'])} / "
+                    f"{_gb(meas['measured_capture_peak_bytes_at_1024'])} | | | {tcol} | "
+                    f"{_ok(meas['measured_capture_peak_bytes_at_1024'], target) if target else ''} |")
+        if "host_total_estimate_bytes" in mem:
+            rows.append(f"| {name} | reconstruction host total @{CACHE_IMAGES} img (images + caches + models) | "
+                        f"{_gb(mem['host_total_estimate_bytes'])} | | | | |")
+    return "\n".join(rows)
+
+
+def render_readme_section(result: dict[str, Any]) -> str:
+    """The README "Performance" section (markers excluded) for a benchmark result."""
+    mach = result["machine"]
+    r = result["ratios"]
+    notes = []
+    for name, m in result["models"].items():
+        arch = m["model"]["arch"]
+        desc = f"`{name}`: {m['model']['weights']} weights, {arch['num_layers']} layers x {arch['hidden_dim']} wide"
+        if m["model"].get("reduced_depth"):
+            desc += " (vit_b_16 width at reduced depth, quick mode)"
+        notes.append(desc)
+    summary = ", ".join(f"{k} {r[k]:.2f}x" for k in RATIO_KEYS)
+    malloc = " glibc malloc thresholds raised (`--tune-malloc`)." if mach.get("malloc_tuned") else ""
+    lines = [
+        "## Performance",
+        "",
+        f"Measured by `python -m ptq.bench{' --quick' if result['quick'] else ''}` on {result['created'][:10]}: "
+        f"device `{result['device']}` ({mach['device_name']}), {mach['cpu_usable']} usable of {mach['cpu_count']} "
+        f"CPUs ({mach['torch_threads']} torch threads), torch {mach['torch']}, {mach['platform']}. "
+        f"Random-weight `vit_b_16`; the tiny model is the "
+        f"embedded digits ViT ({'; '.join(notes)}). Ratios are quantized time / float time, measured interleaved "
+        f"in one process (median over repeats); AdaRound iterations are timed inside `train_unit` against one "
+        f"plain forward+backward of the float unit on the same batch.{malloc}",
+        "",
+        f"Headline ratios ({result['ratios_model']}): {summary}.",
+        "",
+        markdown_table(result),
+        "",
+        "Regenerate: `python -m ptq.bench --out outputs/bench.json --readme README.md`.",
+    ]
+    return "\n".join(lines)
+
+
+def replace_marked_block(text: str, section: str) -> str:
+    """``text`` with everything between the perf markers replaced by ``section``; ValueError without markers."""
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start < 0 or end < 0 or end < start:
+        raise ValueError(f"README has no '{MARK_START}' ... '{MARK_END}' block; add both markers where the "
+                         "Performance section should go")
+    if text.count(MARK_START) != 1 or text.count(MARK_END) != 1:
+        raise ValueError("README must contain exactly one perf:start and one perf:end marker")
+    return text[:start + len(MARK_START)] + "\n" + section.strip("\n") + "\n" + text[end:]
+
+
+def update_readme(path: Path, result: dict[str, Any]) -> None:
+    """Rewrite the marked Performance block of ``path`` in place."""
+    path.write_text(replace_marked_block(path.read_text(), render_readme_section(result)))

@@ -1,0 +1,91 @@
+"""What a run's config means, in the terms every stage shares.
+
+The pipeline, the stages below it (calibration, AdaRound, the integer program) and the
+tools beside it (bench, intexec's CLI) all need the same few facts about a config: its
+results-table row, the :class:`~ptq.quant.vit.QuantSettings` it builds, what identifies
+its model and data in cache keys, its device and its evaluation subset. They live here,
+once, below the pipeline, so that imports only run downward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ptq.cache import file_digest
+from ptq.config import ConfigError
+from ptq.quant.nonlinear import Backend
+from ptq.quant.vit import QuantSettings
+
+EVAL_SUBSET_SEED = 0  # the eval subset is the same for every run seed, so the float baseline is shared
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when present; asking for CUDA without one is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def row_of(cfg: Any) -> dict[str, Any]:
+    """The config fields that name this run's results-table row (see ptq.naming)."""
+    return {
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "wquant": cfg.wquant.name,
+        "wbits": int(cfg.wbits),
+        "aquant": cfg.aquant.name,
+        "abits": int(cfg.abits),
+        "nonlinear": cfg.nonlinear.name,
+        "granularity": cfg.granularity.name if cfg.wquant.name == "adaround" else None,
+        "lsq": bool(cfg.lsq.enabled) if cfg.wquant.name == "adaround" else False,
+        "quant_io": bool(cfg.aquant.quant_io),
+        "softmax": {"n": int(cfg.nonlinear.softmax.n), "out_bits": int(cfg.nonlinear.softmax.out_bits)},
+        "gelu": {"n": int(cfg.nonlinear.gelu.n), "sig_bits": int(cfg.nonlinear.gelu.sig_bits)},
+        "idadd_bits": int(cfg.nonlinear.idadd_bits),
+    }
+
+
+def settings_of(cfg: Any) -> QuantSettings:
+    """QuantSettings from the config (None widths where a quantizer is off)."""
+    nl = cfg.nonlinear
+    return QuantSettings(
+        wbits=None if cfg.wquant.name == "none" else int(cfg.wbits),
+        abits=None if cfg.aquant.name == "none" else int(cfg.abits),
+        idadd_bits=int(nl.idadd_bits),
+        momentum=float(cfg.aquant.momentum),
+        quant_io=bool(cfg.aquant.quant_io),
+        backend=Backend(nl.name, nl.softmax.n, nl.softmax.out_bits, nl.gelu.n, nl.gelu.sig_bits),
+    )
+
+
+def model_identity(cfg: Any) -> dict[str, Any]:
+    """What identifies the float model's weights, for cache keys."""
+    ident: dict[str, Any] = {"name": cfg.model.name}
+    if cfg.model.weights_path:
+        ident["weights_sha"] = file_digest(cfg.model.weights_path)
+    elif cfg.model.name == "tiny_digits":
+        from ptq.models import tiny
+
+        ident["weights_sha"] = file_digest(tiny.DEFAULT_WEIGHTS)
+    else:
+        ident["weights"] = cfg.model.weights if cfg.model.pretrained else f"random-seed{cfg.seed}"
+    return ident
+
+
+def data_identity(cfg: Any) -> dict[str, Any]:
+    """What identifies the data set, for cache keys."""
+    return {"name": cfg.data.name, "root": cfg.data.root, "image_size": cfg.data.image_size}
+
+
+def eval_set(cfg: Any, split: Dataset | None = None) -> Dataset:
+    """The run's evaluation images: ``data.eval_images`` of the eval split, the same subset for every seed."""
+    from ptq.data import build as data_build
+
+    if split is None:
+        _, split = data_build.splits(cfg)
+    return data_build.subset(split, cfg.data.eval_images, EVAL_SUBSET_SEED)
