@@ -248,3 +248,37 @@ def validate(cfg: Any) -> None:
     if cfg.model.name == "tiny_digits" and cfg.data.name != "digits":
         raise ConfigError(f"model=tiny_digits needs data=digits (got data={cfg.data.name})")
 
+
+
+#: (key prefixes, when they do nothing, why) for :func:`no_effect`
+_INERT: tuple[tuple[tuple[str, ...], Any, str], ...] = (
+    (("granularity", "adaround.", "lsq."), lambda c: c.wquant.name != "adaround",
+     "they apply only to wquant=adaround (got wquant={wquant})"),
+    (("wbits",), lambda c: c.wquant.name == "none", "weights stay float with wquant=none"),
+    (("abits", "aquant.", "lsq."), lambda c: c.aquant.name == "none",
+     "activations stay float with aquant=none"),
+    (("nonlinear.softmax.", "nonlinear.gelu.", "nonlinear.idadd_bits"), lambda c: c.nonlinear.name == "fp",
+     "they set the integer kernels of nonlinear=ivit (got nonlinear=fp)"),
+)
+
+
+def override_key(override: str) -> str:
+    """``+a.b=1`` / ``~a.b`` / ``a.b=1`` -> ``a.b``."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def no_effect(cfg: Any, overrides: list[str]) -> list[str]:
+    """One warning line per reason for the given command-line overrides that change nothing in this config.
+
+    E.g. ``granularity=block`` with ``wquant=absmax``: the run is the same as without it.
+    """
+    keys = [override_key(o) for o in overrides]
+    lines = []
+    for prefixes, inert, why in _INERT:
+        if not inert(cfg):
+            continue
+        hit = [o for o, k in zip(overrides, keys, strict=True)
+               if any(k == p.rstrip(".") or (p.endswith(".") and k.startswith(p)) for p in prefixes)]
+        if hit:
+            lines.append(f"{', '.join(hit)}: no effect, {why.format(wquant=cfg.wquant.name)}")
+    return lines

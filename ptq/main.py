@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ptq import naming
-from ptq.config import ConfigError, register_configs
+from ptq.config import ConfigError, no_effect, register_configs
 
 register_configs()
 log = logging.getLogger("ptq")
@@ -50,6 +50,8 @@ def main(cfg: DictConfig) -> float:
             sys.exit(2)
         pipeline.record_failure(cfg, run_dir, exc)
         return math.nan
+    for line in no_effect(cfg, list(hc.overrides.task)):
+        log.warning("%s", line)
     try:
         metrics = pipeline.run(cfg, run_dir, Tracker())
     except Exception as exc:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ptq import calib, naming
+from ptq import calib, naming, rundir
 from ptq.atomic import atomic_path
 from ptq.cache import StageCache
 from ptq.config import validate
@@ -42,11 +42,32 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+class Progress:
+    """Where the run is, kept in ``metrics["progress"]`` and rewritten to metrics.json as it advances.
+
+    A run killed without a chance to write its end keeps the last of these, so the table
+    tool can say how far it got (``ptq.rundir.describe_progress``).
+    """
+
+    def __init__(self, metrics: dict[str, Any], path: Path) -> None:
+        self.metrics, self.path = metrics, path
+
+    def __call__(self, stage: str, **extra: Any) -> None:
+        self.metrics["progress"] = {"stage": stage, **extra}
+        write_json(self.path, self.metrics)
+
+    def unit_done(self, done: int, units: int, name: str) -> None:
+        """AdaRound's callback after each finished (and checkpointed) unit."""
+        self("reconstruct", units_done=done, units=units, last_unit=name)
+
+
 @contextmanager
-def stage(seconds: dict[str, float], name: str) -> Iterator[None]:
-    """Time a pipeline stage into ``seconds[name]``."""
+def stage(seconds: dict[str, float], name: str, progress: Progress | None = None) -> Iterator[None]:
+    """Time a pipeline stage into ``seconds[name]`` (and record its start in ``progress``)."""
     t0 = time.perf_counter()
     log.info("stage %s ...", name)
+    if progress is not None:
+        progress(name)
     try:
         yield
     finally:
@@ -55,13 +76,14 @@ def stage(seconds: dict[str, float], name: str) -> Iterator[None]:
 
 
 def reconstruct(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_source: Any, device: torch.device,
-                run_dir: Path, metrics: dict[str, Any]) -> None:
+                run_dir: Path, metrics: dict[str, Any], progress: Progress | None = None) -> None:
     """Weight reconstruction stage: AdaRound for ``wquant=adaround``, else nothing."""
     if cfg.wquant.name != "adaround":
         return
     from ptq.recon.adaround import reconstruct_model
 
-    reconstruct_model(cfg, qmodel, fp_model, calib_source, device, run_dir, metrics)
+    reconstruct_model(cfg, qmodel, fp_model, calib_source, device, run_dir, metrics,
+                      on_unit=progress.unit_done if progress is not None else None)
 
 
 def check_inputs(cfg: Any) -> None:
@@ -95,14 +117,16 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str,
     row = row_of(cfg)
     name = naming.row_name(row)
     metrics: dict[str, Any] = {"status": "running", "error": None, "name": name, "row": row,
-                               "seed": int(cfg.seed), "group": cfg.tracking.group, "seconds": {}, "cached": {}}
-    metrics_path = run_dir / "metrics.json"
+                               "seed": int(cfg.seed), "group": cfg.tracking.group, "seconds": {}, "cached": {},
+                               "process": rundir.process_identity()}
+    metrics_path = run_dir / rundir.METRICS_FILE
     write_json(metrics_path, metrics)
     if tracker is not None:
         tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, name, row)
     try:
-        _run_stages(cfg, run_dir, metrics)
+        _run_stages(cfg, run_dir, metrics, Progress(metrics, metrics_path))
         metrics["status"] = "ok"
+        metrics.pop("progress", None)
     except BaseException as exc:
         metrics.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         write_json(metrics_path, metrics)
@@ -118,7 +142,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str,
     return metrics
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
+def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], progress: Progress) -> None:
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
     tune_malloc()
@@ -141,16 +165,16 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None
         seconds["calibrate"] = seconds["reconstruct"] = 0.0
     else:
         qmodel = QuantViT(fp_model, st).to(device)
-        with stage(seconds, "calibrate"):
+        with stage(seconds, "calibrate", progress):
             if st.abits is not None:
                 calib.calibrate_cached(cfg, qmodel, calib_source, device, cache, cached)
             else:
                 qmodel.set_mode("off")
-        with stage(seconds, "reconstruct"):
-            reconstruct(cfg, qmodel, fp_model, calib_source, device, run_dir, metrics)
+        with stage(seconds, "reconstruct", progress):
+            reconstruct(cfg, qmodel, fp_model, calib_source, device, run_dir, metrics, progress)
 
     recorder = audit.RangeAudit() if cfg.nonlinear.audit else None
-    with stage(seconds, "evaluate"), audit.active(recorder):
+    with stage(seconds, "evaluate", progress), audit.active(recorder):
         q_logits, _ = predict(qmodel, eval_loader, device, metrics["name"])
     metrics["acc1"], metrics["acc5"] = topk_accuracy(q_logits, labels)
     metrics.update(fidelity(q_logits, fp_logits))
@@ -158,9 +182,13 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None
     if recorder is not None:
         metrics["audit"] = recorder.report()
         recorder.check()
-    if cfg.export:
-        from ptq.intexec import export_and_verify, save_quant_model
+    if isinstance(qmodel, QuantViT) and cfg.nonlinear.name == "ivit":
+        from ptq.intexec.rebuild import save_run_state
 
-        save_quant_model(qmodel, cfg, run_dir)
-        with stage(seconds, "export"):
+        path = save_run_state(qmodel, cfg, run_dir, q_logits)  # what `python -m ptq.intexec RUN_DIR` rebuilds from
+        metrics["quant_state_kB"] = round(path.stat().st_size / 1024, 1)
+    if cfg.export:
+        from ptq.intexec import export_and_verify
+
+        with stage(seconds, "export", progress):
             metrics["intexec"] = export_and_verify(qmodel, cfg, run_dir, eval_set)

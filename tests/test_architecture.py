@@ -13,7 +13,7 @@ PKG = ROOT / "ptq"
 MAX_LINES = 400
 #: Layers from the bottom up; a module may import its own layer and the ones below, never above.
 LAYERS: list[tuple[str, ...]] = [
-    ("ptq", "ptq.config", "ptq.naming", "ptq.atomic", "ptq.cache", "ptq.runtime", "ptq.tracking"),
+    ("ptq", "ptq.config", "ptq.naming", "ptq.atomic", "ptq.cache", "ptq.runtime", "ptq.rundir", "ptq.tracking"),
     ("ptq.data", "ptq.models", "ptq.quant"),
     ("ptq.runspec",),
     ("ptq.calib", "ptq.evaluate", "ptq.recon", "ptq.intexec"),

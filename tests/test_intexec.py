@@ -14,12 +14,12 @@ import torch
 from conftest import ROOT, small_vit
 from ptq.intexec.build import MATMUL_KINDS, build_program
 from ptq.intexec.interp import INT_DTYPES, ArtefactError, Interpreter, save_program, validate_graph
+from ptq.intexec.rebuild import save_run_state
 from ptq.intexec.verify import (
     check_exportable,
     diff_trace,
     export_and_verify,
     main,
-    save_quant_model,
     simulate,
     verify_program,
 )
@@ -125,7 +125,8 @@ def test_artefact_reloads_in_a_fresh_process_without_model_code(w8a8: QuantViT, 
     assert torch.equal(torch.load(tmp_path / "logits.pt").view(torch.int32), expected.view(torch.int32))
 
 
-def test_export_and_verify_and_the_cli(compose_cfg, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_export_and_verify_and_the_cli(compose_cfg, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                       caplog: pytest.LogCaptureFixture) -> None:
     """A W4A8 AdaRound run dir on the tiny-digits architecture (random weights): exact, then tampered."""
     from ptq.models.tiny import build_tiny_vit
     from ptq.models.zoo import load_model
@@ -143,12 +144,16 @@ def test_export_and_verify_and_the_cli(compose_cfg, tmp_path: Path, capsys: pyte
     _randomise_adaround(q)
     _calibrate(q, _images(8, size=24, seed=0))
     run = tmp_path / "run"
-    save_quant_model(q, cfg, run)
+    from ptq.intexec.verify import eval_images
+
+    first = torch.stack([x for x, _ in eval_images(cfg, 8)])
+    with torch.no_grad():
+        save_run_state(q, cfg, run, q(first))  # the run's own logits: the rebuilt model must reproduce them
     res = export_and_verify(q, cfg, run, _images(8, size=24), batch_size=4)
     assert (res["exact"], res["mismatches"], res["n"]) == (True, 0, 8)
     assert (run / "intexec" / "widths.json").is_file() and res["widths"]["all_accumulators_fit_int32"]
 
-    assert main([str(run), "--images", "4"]) == 0  # reloads quant_model.pt (AdaRound), verifies the artefact
+    assert main([str(run), "--images", "4"]) == 0  # rebuilds from quant_state.pt (AdaRound), verifies the artefact
     assert capsys.readouterr().out.strip() == "mismatches=0/4"
     graph_file = run / "intexec" / "program.json"
     graph = json.loads(graph_file.read_text())
@@ -163,10 +168,15 @@ def test_export_and_verify_and_the_cli(compose_cfg, tmp_path: Path, capsys: pyte
     data[-1] ^= 0xFF  # one bit pattern of one constant
     tensors.write_bytes(bytes(data))
     assert main([str(run), "--images", "4"]) == 2  # checksum mismatch: refused before running
-    # the module entry point exits with main's status (here: a run dir without quant_model.pt)
+    # the module entry point exits with main's status (here: a run dir without quant_state.pt)
     proc = subprocess.run([sys.executable, "-m", "ptq.intexec", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 2 and "quant_model.pt" in proc.stderr and proc.stdout == ""
+    assert proc.returncode == 2 and "quant_state.pt not found" in proc.stderr and proc.stdout == ""
+    # a state that is not the run's (its logits fingerprint differs) is refused, not verified
+    with torch.no_grad():
+        save_run_state(q, cfg, run, q(first) + 1)
+    assert main([str(run), "--images", "4", "--reexport"]) == 2
+    assert "does not reproduce the run's logits" in caplog.text
 
 
 def test_program_equals_simulation_at_wide_activations() -> None:

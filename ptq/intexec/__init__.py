@@ -6,9 +6,10 @@
 * :func:`save_program` / :func:`load_program` / :class:`Interpreter`
   (``ptq.intexec.interp``): the artefact (JSON graph + safetensors) and its interpreter,
   which needs only torch integer ops and ``ptq.quant.ivit``;
-* :func:`export_and_verify`, :func:`save_quant_model`, :func:`load_quant_model`
-  (``ptq.intexec.verify``): the pipeline's hooks and the CLI
-  ``python -m ptq.intexec RUN_DIR`` (prints ``mismatches=K/N``).
+* :func:`save_run_state`, :func:`load_run_model` (``ptq.intexec.rebuild``): every
+  ``nonlinear=ivit`` run keeps its compact quantized state, so it can be rebuilt;
+* :func:`export_and_verify`, :func:`verify_run` (``ptq.intexec.verify``): the pipeline's
+  hook and the CLI ``python -m ptq.intexec RUN_DIR | --runs DIR`` (prints ``mismatches=K/N``).
 
 Names are imported lazily so that loading the interpreter never imports the
 simulation (``ptq.quant.vit``) or torchvision.
@@ -22,7 +23,8 @@ from typing import Any
 _WHERE = {
     "Program": "interp", "Interpreter": "interp", "save_program": "interp", "load_program": "interp",
     "ArtefactError": "interp", "build_program": "build", "WidthRecorder": "widths",
-    "export_and_verify": "verify", "save_quant_model": "verify", "load_quant_model": "verify",
+    "export_and_verify": "verify", "verify_run": "verify", "save_run_state": "rebuild",
+    "load_run_model": "rebuild", "NotVerifiable": "rebuild",
     "verify_program": "verify", "diff_trace": "verify", "main": "verify", "check_exportable": "verify",
 }
 

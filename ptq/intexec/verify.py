@@ -1,10 +1,12 @@
 """Export a run's integer program and check it against the fake-quant simulation, bit for bit.
 
 ``export_and_verify`` is what the pipeline calls at the end of a run with
-``export=true``; ``python -m ptq.intexec RUN_DIR`` does the same for a finished run
-from its ``quant_model.pt`` (written by :func:`save_quant_model`), reusing an
+``export=true``; ``python -m ptq.intexec RUN_DIR`` does the same for any finished
+``nonlinear=ivit`` run, rebuilding its quantized model from ``quant_state.pt``
+(``ptq.intexec.rebuild``; checked against the run's own logits first), reusing an
 artefact already in ``RUN_DIR/intexec`` (so a tampered one is caught), and prints
-``mismatches=K/N`` (exit status 0 only when K is 0).
+``mismatches=K/N`` (exit status 0 only when K is 0). ``--runs DIR`` does this for every
+run under a sweep dir.
 """
 
 from __future__ import annotations
@@ -21,63 +23,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 from ptq.intexec.build import build_program
 from ptq.intexec.interp import GRAPH_FILE, ArtefactError, Interpreter, Program, load_program, save_program
+from ptq.intexec.rebuild import NotReproduced, NotVerifiable, check_fingerprint, load_run_model
 from ptq.intexec.widths import WidthRecorder
-from ptq.models.zoo import load_model
 from ptq.quant import audit
-from ptq.quant.rounding import install_adaround
 from ptq.quant.vit import QuantViT
-from ptq.runspec import eval_set, settings_of
+from ptq.rundir import find_run_dirs
+from ptq.runspec import eval_set
 
 log = logging.getLogger(__name__)
 
-QUANT_MODEL_FILE = "quant_model.pt"
 ARTEFACT_DIR = "intexec"
 WIDTHS_FILE = "widths.json"
 BATCH_SIZE = 128
 
 Images = Tensor | Dataset | Iterable
-
-
-# ----------------------------------------------------------------------------- the calibrated model
-
-
-def save_quant_model(qmodel: QuantViT, cfg: Any, run_dir: Path | str) -> Path:
-    """Write ``run_dir/quant_model.pt`` = ``{"state_dict", "config"}`` (the resolved config as a dict)."""
-    config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    path = Path(run_dir) / QUANT_MODEL_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
-    torch.save({"state_dict": state, "config": config}, path)
-    log.info("calibrated model saved to %s", path)
-    return path
-
-
-def load_quant_model(path: Path | str) -> tuple[QuantViT, DictConfig]:
-    """Rebuild the calibrated ``QuantViT`` (on the CPU, all quantizers in ``quant`` mode) and its config.
-
-    ``path`` is a run dir or a ``quant_model.pt``. The architecture comes from the
-    config (``ptq.models.zoo.load_model``, ``ptq.runspec.settings_of``), AdaRound
-    quantizers are installed for ``wquant=adaround``, then the saved state is loaded.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / QUANT_MODEL_FILE
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} not found; run the pipeline with export=true to write it")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
-    cfg = OmegaConf.create(obj["config"])
-    arch = cfg.copy()
-    if arch.model.name == "vit_b_16" and arch.model.weights_path is None:
-        arch.model.pretrained = False  # the saved state replaces every weight: no download needed
-    qmodel = QuantViT(load_model(arch), settings_of(cfg))
-    if cfg.wquant.name == "adaround":
-        install_adaround(qmodel)
-    qmodel.load_state_dict(obj["state_dict"])
-    qmodel.set_mode("quant")
-    return qmodel.eval(), cfg
 
 
 def input_spec_of(cfg: Any) -> dict[str, Any]:
@@ -187,8 +150,10 @@ def verify_program(qmodel: QuantViT, program: Program, images: Images, batch_siz
     acc_name, out_name = program.graph["output"]["accumulator"], program.graph["output"]["name"]
     n = bad = 0
     first_bad: Tensor | None = None
-    for x in _batches(images, batch_size):
+    sim_logits: list[Tensor] = []
+    for x in tqdm(_batches(images, batch_size), desc="intexec verify", unit="batch", leave=False):
         acc_sim, logits_sim = simulate(qmodel, x)
+        sim_logits.append(logits_sim)
         out = interp.run(x, hook=rec)
         ok = (out[acc_name] == acc_sim).all(-1) & _same_bits(out[out_name], logits_sim)
         n += int(ok.numel())
@@ -198,7 +163,8 @@ def verify_program(qmodel: QuantViT, program: Program, images: Images, batch_siz
     if first_bad is not None:
         rows = [r for r in diff_trace(qmodel, program, first_bad) if r["differ"]]
         log.error("integer program differs from the simulation; first diverging tensors: %s", rows[:5])
-    return {"exact": bad == 0, "mismatches": bad, "n": n, "widths": rec.report(program.tensors)}
+    return {"exact": bad == 0, "mismatches": bad, "n": n, "widths": rec.report(program.tensors),
+            "logits": torch.cat(sim_logits) if sim_logits else torch.empty(0)}
 
 
 def _log_widths(widths: dict[str, Any]) -> None:
@@ -238,30 +204,83 @@ def export_and_verify(qmodel: QuantViT, cfg: Any, run_dir: Path | str, images: I
 # ----------------------------------------------------------------------------- CLI
 
 
+def verify_run(run_dir: Path, out: Path | None = None, reexport: bool = False, images: int | None = None,
+               batch_size: int = BATCH_SIZE, write: bool = True) -> dict[str, Any]:
+    """Rebuild a finished run's model, export (unless an artefact exists) and verify it.
+
+    ``write=False`` checks an in-memory program where the run dir holds none (``--runs``
+    leaves sweep dirs as they were). Raises NotVerifiable (one line: why, what to do) and
+    ArtefactError for a broken artefact.
+    """
+    qmodel, cfg, check = load_run_model(run_dir)
+    art = out or run_dir / ARTEFACT_DIR
+    if reexport or not (art / GRAPH_FILE).is_file():
+        program = build_program(qmodel, input_spec_of(cfg), {"config": OmegaConf.to_container(cfg, resolve=True)})
+        if write:
+            save_program(program, art)
+            program = load_program(art)
+    else:
+        log.info("verifying the existing artefact %s", art)
+        program = load_program(art)
+    res = verify_program(qmodel, program, eval_images(cfg, images), batch_size)
+    check_fingerprint(res.pop("logits"), check, run_dir)
+    if write:
+        (art / WIDTHS_FILE).write_text(json.dumps(res["widths"], indent=1))
+    _log_widths(res["widths"])
+    return {**res, "name": cfg.get("name")}
+
+
+def _verify_all(top: Path, batch_size: int) -> int:
+    """``--runs``: one line per run dir under ``top``, then a total; exit 1 on any mismatch, 2 if none verified."""
+    dirs = find_run_dirs(top) if top.is_dir() else []
+    if not dirs:
+        log.error("no run dirs under %s", top)
+        return 2
+    bad = n = verified = failed = 0
+    for d in dirs:
+        try:
+            res = verify_run(d, batch_size=batch_size, write=False)
+        except NotReproduced as exc:
+            print(f"differs  {d.as_posix()}  {exc}")
+            failed += 1
+            continue
+        except NotVerifiable as exc:
+            print(f"skipped  {d.as_posix()}  {exc}")
+            continue
+        except ArtefactError as exc:
+            print(f"broken   {d.as_posix()}  {exc}")
+            failed += 1
+            continue
+        verified += 1
+        bad, n = bad + res["mismatches"], n + res["n"]
+        failed += int(not res["exact"])
+        print(f"mismatches={res['mismatches']}/{res['n']}  {d.as_posix()}")
+    print(f"total: mismatches={bad}/{n} over {verified} verified run(s), {len(dirs) - verified} not verified")
+    if failed:
+        return 1
+    return 0 if verified else 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ptq.intexec RUN_DIR``: export (unless present) and verify; exit 0 only when exact."""
+    """``python -m ptq.intexec RUN_DIR`` or ``--runs DIR``: export (unless present) and verify; 0 only when exact."""
     ap = argparse.ArgumentParser(prog="python -m ptq.intexec", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", type=Path, help="a finished run dir holding quant_model.pt")
+    ap.add_argument("run_dir", type=Path, nargs="?", help="a finished nonlinear=ivit run dir")
+    ap.add_argument("--runs", type=Path, metavar="DIR", help="verify every run under DIR (e.g. a multirun sweep dir)")
     ap.add_argument("--out", type=Path, default=None, help="artefact dir (default RUN_DIR/intexec)")
     ap.add_argument("--reexport", action="store_true", help="rebuild the artefact even if one exists")
     ap.add_argument("--images", type=int, default=None, help="check only the first N eval images")
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if (args.run_dir is None) == (args.runs is None):
+        ap.error("give one run dir, or --runs DIR")
+    if args.images is not None and args.images < 1:
+        ap.error(f"--images must be at least 1, got {args.images}")
+    if args.runs is not None:
+        return _verify_all(args.runs, args.batch_size)
     try:
-        qmodel, cfg = load_quant_model(args.run_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    art = args.out or args.run_dir / ARTEFACT_DIR
-    if args.reexport or not (art / GRAPH_FILE).is_file():
-        meta = {"config": OmegaConf.to_container(cfg, resolve=True)}
-        save_program(build_program(qmodel, input_spec_of(cfg), meta), art)
-    else:
-        log.info("verifying the existing artefact %s", art)
-    try:
-        res = _check_and_report(qmodel, art, eval_images(cfg, args.images), args.batch_size)
-    except ArtefactError as exc:
+        res = verify_run(args.run_dir, args.out, args.reexport, args.images, args.batch_size)
+    except (NotVerifiable, ArtefactError) as exc:
         log.error("%s", exc)
         return 2
     print(f"mismatches={res['mismatches']}/{res['n']}")

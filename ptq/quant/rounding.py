@@ -16,6 +16,7 @@ from ptq.quant.quantizers import WeightQuantizer, channel_view
 from ptq.quant.vit import QuantViT
 
 ZETA, GAMMA = 1.1, -0.1
+V_SATURATED = 12.0  # |V| where the rectified sigmoid is clamped: h is exactly 0 or 1
 
 
 class AdaRoundQuantizer(WeightQuantizer):
@@ -46,6 +47,13 @@ class AdaRoundQuantizer(WeightQuantizer):
     def rounding(self) -> Tensor:
         """Hard rounding decisions (0 or 1)."""
         return (self.h() >= 0.5).to(self.w_floor.dtype)
+
+    @torch.no_grad()
+    def set_rounding(self, up: Tensor) -> None:
+        """Fix the hard rounding decisions (1 = up): V saturates where h is exactly 0 or 1."""
+        if up.shape != self.v.shape:
+            raise ValueError(f"rounding of shape {tuple(up.shape)} for a weight of shape {tuple(self.v.shape)}")
+        self.v.copy_(torch.where(up.to(self.v.device).bool(), V_SATURATED, -V_SATURATED))
 
     def forward(self, weight: Tensor) -> Tensor:
         lo, hi = qrange(self.bits)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,13 @@ def _load_resume(index: Path, qmodel: QuantViT) -> dict[str, Any] | None:
 
 
 def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_source: Any, device: torch.device,
-                      run_dir: Path, metrics: dict[str, Any]) -> None:
-    """AdaRound every unit of ``qmodel`` in network order; records go into ``metrics``."""
+                      run_dir: Path, metrics: dict[str, Any],
+                      on_unit: Callable[[int, int, str], None] | None = None) -> None:
+    """AdaRound every unit of ``qmodel`` in network order; records go into ``metrics``.
+
+    ``on_unit(done, units, name)`` is called after each unit is checkpointed (the pipeline
+    records it as the run's progress).
+    """
     install_adaround(qmodel)
     qmodel.to(device)
     twin = QuantViT(fp_model, QuantSettings(wbits=None, abits=None)).to(device)
@@ -124,6 +130,8 @@ def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_sou
             if index is not None:
                 index.parent.mkdir(parents=True, exist_ok=True)
                 index.write_text(json.dumps({"checkpoint": str(ckpt_path.resolve()), "done": i + 1}))
+            if on_unit is not None:
+                on_unit(i + 1, len(units), name)
     metrics["units"] = records
     metrics["curves"] = curves
     try:

@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not ok and not failed:
             raise InputError(f"no runs found in {where}")
         table = build_table(ok, args.by)
-        text = render(table, failed_table(failed))
+        text = render(table, failed_table(r for r in failed if r["status"] == "failed"),
+                      failed_table((r for r in failed if r["status"] == "interrupted"), limit=None))
         print(text, end="")
         if args.write:
             write_readme_block(args.write, text, args.block)

@@ -184,16 +184,19 @@ def build_table(records: Iterable[dict], by: Sequence[str] = ()) -> pd.DataFrame
     return table[cols].reset_index(drop=True)
 
 
-def failed_table(failed: Iterable[dict]) -> pd.DataFrame:
-    """Failed runs: name, dir and the error's last line (never averaged into the table)."""
+def failed_table(failed: Iterable[dict], limit: int | None = 160) -> pd.DataFrame:
+    """Failed (or interrupted) runs: name, dir and the error's last line (never averaged into the table).
+
+    ``limit=None`` keeps the line whole (an interrupted run's resume command).
+    """
     recs = sorted(failed, key=lambda r: (r["dir"], r["name"]))
     df = pd.DataFrame([{k: r.get(k) for k in FAILED_COLUMNS} for r in recs], columns=FAILED_COLUMNS)
-    df["error"] = df["error"].map(_one_line)
+    df["error"] = df["error"].map(lambda text: _one_line(text, limit))
     return df
 
 
-def _one_line(text: Any, limit: int = 160) -> str:
-    """Last non-empty line of an error (a traceback's exception line), shortened."""
+def _one_line(text: Any, limit: int | None = 160) -> str:
+    """Last non-empty line of an error (a traceback's exception line), shortened to ``limit`` characters."""
     lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
     line = " ".join(lines[-1].split()) if lines else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"

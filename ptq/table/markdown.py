@@ -71,11 +71,13 @@ NOTE = (
 )
 
 
-def render(table: pd.DataFrame, failed: pd.DataFrame | None = None) -> str:
-    """The full Markdown report: results table, note and the failed runs section."""
+def render(table: pd.DataFrame, failed: pd.DataFrame | None = None, interrupted: pd.DataFrame | None = None) -> str:
+    """The full Markdown report: results table, note, then the failed and the interrupted runs."""
     text = to_markdown(table) + "\n" + NOTE
     if failed is not None and len(failed):
         text += "\n### Failed runs\n\n" + to_markdown(failed)
+    if interrupted is not None and len(interrupted):
+        text += "\n### Interrupted runs\n\n" + to_markdown(interrupted.rename(columns={"error": "what happened"}))
     return text
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ptq.naming import row_name
+from ptq.rundir import CONFIG_FILE, METRICS_FILE, describe_progress, find_run_dirs, resume_command, run_state
 from ptq.tracking import flatten, to_plain
 
 log = logging.getLogger("ptq.table")
@@ -73,7 +73,7 @@ def make_record(metrics: Mapping[str, Any], config: Mapping[str, Any], run_dir: 
     status = metrics.get("status")
     if status == "running":
         raise _Skip("still running")
-    if status not in ("ok", "failed"):
+    if status not in ("ok", "failed", "interrupted"):
         raise _Skip(f"malformed metrics.json (status {status!r})")
     row = metrics.get("row")
     if status == "ok":
@@ -91,6 +91,8 @@ def make_record(metrics: Mapping[str, Any], config: Mapping[str, Any], run_dir: 
     error = None
     if status == "failed":
         error = str(metrics.get("error") or "(no error text)")
+    elif status == "interrupted":
+        error = str(metrics.get("error") or "interrupted")
     return {
         "name": str(name),
         "dir": str(run_dir),
@@ -105,20 +107,9 @@ def make_record(metrics: Mapping[str, Any], config: Mapping[str, Any], run_dir: 
     }
 
 
-def _find_run_dirs(top: Path) -> list[Path]:
-    """Every dir under ``top`` (itself included) holding metrics.json or .hydra/config.yaml."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(top):
-        here = Path(dirpath)
-        if "metrics.json" in filenames or (here / ".hydra" / "config.yaml").is_file():
-            found.append(here)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")) and d != "wandb")
-    return found
-
-
 def _load_run_dir(d: Path) -> dict[str, Any]:
     """Record of one local run dir; raises _Skip for running/half-written/malformed dirs."""
-    mfile, cfile = d / "metrics.json", d / ".hydra" / "config.yaml"
+    mfile, cfile = d / METRICS_FILE, d / CONFIG_FILE
     if not mfile.is_file():
         raise _Skip("no metrics.json (still running, or killed before writing it)")
     try:
@@ -137,6 +128,11 @@ def _load_run_dir(d: Path) -> dict[str, Any]:
             raise _Skip(f"unreadable .hydra/config.yaml: {exc}") from None
         if not isinstance(config, dict):
             raise _Skip("malformed .hydra/config.yaml (not a mapping)")
+    if metrics.get("status") == "running" and run_state(metrics) == "interrupted":
+        resume = resume_command(d)
+        metrics = {**metrics, "status": "interrupted",
+                   "error": f"killed (process {metrics['process'].get('pid')} gone) {describe_progress(metrics)}"
+                            + (f"; resume: {resume}" if resume else "")}
     return make_record(metrics, config, d.as_posix())
 
 
@@ -150,7 +146,7 @@ def load_local_runs(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]
     for top in map(Path, paths):
         if not top.exists():
             raise InputError(f"--runs path does not exist: {top}")
-        for d in _find_run_dirs(top):
+        for d in find_run_dirs(top):
             if d.resolve() in seen:
                 continue
             seen.add(d.resolve())
@@ -162,7 +158,7 @@ def load_local_runs(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]
 
 
 def split_failed(records: Iterable[dict]) -> tuple[list[dict], list[dict]]:
-    """(status ok, status failed) records, each sorted by dir then name."""
+    """(status ok, status failed or interrupted) records, each sorted by dir then name."""
     recs = sorted(records, key=lambda r: (r["dir"], r["name"]))
     return [r for r in recs if r["status"] == "ok"], [r for r in recs if r["status"] != "ok"]
 

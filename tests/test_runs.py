@@ -1,0 +1,146 @@
+"""Finished runs verify from their run dir alone; a killed run is reported as interrupted; inert options warn."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from ptq.config import no_effect
+from ptq.rundir import describe_progress, process_identity, run_state
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def _ptq(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=ENV)
+
+
+def _main(run: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    proc = _ptq("ptq.main", f"hydra.run.dir={run}", f"cache_dir={cache}", "debug=quick", *overrides)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_a_finished_adaround_ivit_run_verifies_without_export(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _main(run, tmp_path / "cache", "nonlinear=ivit", "wquant=adaround", "wbits=4", "granularity=block")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and "progress" not in metrics and metrics["process"]["pid"] > 0
+    assert not (run / "intexec").exists() and metrics["quant_state_kB"] > 0
+    proc = _ptq("ptq.intexec", str(run))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f"mismatches=0/{metrics['n_eval']}"
+
+
+def test_unverifiable_runs_say_why_in_one_line(tmp_path: Path) -> None:
+    run = tmp_path / "fp"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"status": "ok", "row": {"nonlinear": "fp"}}))
+    proc = _ptq("ptq.intexec", str(run))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "only nonlinear=ivit runs can be verified" in proc.stderr
+    (run / "metrics.json").write_text(json.dumps({"status": "failed", "error": "ValueError: boom"}))
+    proc = _ptq("ptq.intexec", str(run))
+    assert proc.returncode == 2 and "the run failed (ValueError: boom)" in proc.stderr
+
+
+def test_runs_verifies_every_job_of_a_multirun(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = _ptq("ptq.main", "-m", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", "debug=quick",
+                "nonlinear=ivit", "data.eval_images=64", "wbits=4,6,8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _ptq("ptq.intexec", "--runs", str(sweep))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(ln.startswith("mismatches=0/64  ") for ln in lines[:3])
+    assert lines[3] == "total: mismatches=0/192 over 3 verified run(s), 0 not verified"
+    # a tampered state in one job: that job's line says so and the exit status is non-zero
+    state = sweep / "1" / "quant_state.pt"
+    import torch
+
+    obj = torch.load(state, weights_only=True)
+    scale_key = next(k for k in obj["state"]["tensors"] if k.endswith(".scale"))
+    obj["state"]["tensors"][scale_key] *= 1.5
+    torch.save(obj, state)
+    proc = _ptq("ptq.intexec", "--runs", str(sweep))
+    assert proc.returncode == 1
+    assert any(ln.startswith("differs  ") and "does not reproduce" in ln for ln in proc.stdout.splitlines())
+    assert proc.stdout.strip().splitlines()[-1].endswith("over 2 verified run(s), 1 not verified")
+
+
+def test_a_killed_run_is_interrupted_with_progress_and_a_resume_command(tmp_path: Path) -> None:
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "ptq.main", f"hydra.run.dir={run}", f"cache_dir={cache}", "debug=quick",
+           "wquant=adaround", "granularity=encoder", "adaround.iters=150", "data.eval_images=64"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            try:
+                prog = json.loads((run / "metrics.json").read_text()).get("progress") or {}
+            except (OSError, ValueError):
+                prog = {}
+            if prog.get("units_done", 0) >= 1:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no AdaRound unit finished within 240 s")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "running" and run_state(metrics) == "interrupted"
+    where = describe_progress(metrics)
+    assert where.startswith("in reconstruct, ") and "units done (last " in where
+
+    table = _ptq("ptq.table", "--runs", str(tmp_path))
+    assert table.returncode == 0, table.stderr
+    assert "### Interrupted runs" in table.stdout and where in table.stdout
+    resume = table.stdout.split("resume: ", 1)[1].split(" |", 1)[0].strip()
+    assert resume.startswith("python -m ptq.main ") and f"hydra.run.dir={run.as_posix()}" in resume
+    verify = _ptq("ptq.intexec", str(run))
+    assert verify.returncode == 2 and "was interrupted" in verify.stderr
+
+    # the printed command resumes the same run in the same dir, after the finished units
+    done = metrics["progress"]["units_done"]
+    rerun = subprocess.run([sys.executable, *resume.split()[1:]], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["status"] == "ok" and final["resumed_units"] == done
+    assert "Interrupted runs" not in _ptq("ptq.table", "--runs", str(tmp_path)).stdout
+
+
+def test_a_live_run_is_running_and_a_gone_one_interrupted() -> None:
+    me = process_identity()
+    assert run_state({"status": "running", "process": me}) == "running"
+    gone = {**me, "proc_start": (me["proc_start"] or 0) + 1}  # the pid reused by another process
+    assert run_state({"status": "running", "process": gone}) == "interrupted"
+    assert run_state({"status": "running"}) == "running"  # no process recorded: cannot tell
+    assert run_state({"status": "ok", "process": gone}) == "ok"
+
+
+def test_options_without_effect_warn_at_start(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg("wquant=absmax", "nonlinear=fp", "aquant=none")
+    lines = no_effect(cfg, ["granularity=block", "+adaround.lr=0.1", "nonlinear.gelu.n=20", "abits=4", "wbits=4"])
+    assert lines == [
+        "granularity=block, +adaround.lr=0.1: no effect, they apply only to wquant=adaround (got wquant=absmax)",
+        "abits=4: no effect, activations stay float with aquant=none",
+        "nonlinear.gelu.n=20: no effect, they set the integer kernels of nonlinear=ivit (got nonlinear=fp)",
+    ]
+    assert no_effect(compose_cfg("wquant=adaround"), ["granularity=block", "adaround.lr=0.1"]) == []
+    proc = _ptq("ptq.main", f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", "debug=quick",
+                "data.eval_images=16", "granularity=block")
+    assert proc.returncode == 0
+    warned = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "no effect" in ln]
+    assert len(warned) == 1 and "granularity=block: no effect" in warned[0]
