@@ -50,19 +50,26 @@ class WQuantConfig:
 
 @dataclass
 class AQuantConfig:
-    """Activation quantizer: ``none`` (A32) or ``movavg`` (per-tensor moving-average absmax)."""
+    """Activation quantizer: ``none`` (A32), or per tensor with its step from ``movavg`` (moving-average
+    absmax), ``mse`` (the clipping with least quantization error) or ``percentile`` (clip at a percentile)."""
 
     name: str = "movavg"
     momentum: float = 0.95
     calib_images: int = 2048
     calib_batch_size: int = 128
     quant_io: bool = True  # input-image and final-LayerNorm-output quantizers (seed left them out)
+    percentile: float = 99.99  # aquant=percentile: clip |x| here (percent of calibration values)
+    search_grid: int = 100  # aquant=mse: clipping candidates max|x| * k / grid, k = 1..grid
+    ln_reparam: bool = False  # fold per-channel LN-output factors into LN affine + next linear (quant.reparam)
+    ln_reparam_alpha: float = 1.0  # strength: factors (absmax_c / mean) ** alpha
+    kernel_in_bits: int | None = None  # Softmax / GELU input width (null: abits); matmul operands stay abits
 
 
 @dataclass
 class SoftmaxConfig:
     n: int = 15
     out_bits: int = 8
+    log2: bool = False  # ivit: probabilities as powers of two (4-bit codes) from a 16-bit Shiftmax
 
 
 @dataclass
@@ -154,7 +161,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("tiny_digits", "vit_b_16"),
     "data.name": ("digits", "imagenet"),
     "wquant.name": ("none", "absmax", "adaround"),
-    "aquant.name": ("none", "movavg"),
+    "aquant.name": ("none", "movavg", "mse", "percentile"),
     "nonlinear.name": ("fp", "ivit"),
     "granularity.name": ("layer", "block", "encoder", "model"),
     "device": ("auto", "cpu", "cuda"),
@@ -237,10 +244,21 @@ def validate(cfg: Any) -> None:
     check("adaround.beta_start", ada.beta_start >= ada.beta_end > 0, "beta_start >= beta_end > 0")
     check("adaround.early_stop", ada.early_stop >= 0, "a non-negative threshold")
     check("lsq.lr", cfg.lsq.lr > 0, "a positive learning rate")
+    check("aquant.percentile", 50.0 < cfg.aquant.percentile <= 100.0, "a percentile in (50, 100]")
+    check("aquant.search_grid", cfg.aquant.search_grid >= 2, "at least 2 clipping candidates")
+    check("aquant.ln_reparam_alpha", 0.0 < cfg.aquant.ln_reparam_alpha <= 1.0, "a strength in (0, 1]")
+    check("aquant.kernel_in_bits", cfg.aquant.kernel_in_bits is None or 2 <= cfg.aquant.kernel_in_bits <= 16,
+          "null (= abits) or an integer from 2 to 16")
+    if cfg.aquant.ln_reparam and cfg.aquant.name == "none":
+        raise ConfigError("aquant.ln_reparam=true reparameterises activation quantization: it needs aquant="
+                          "movavg, mse or percentile (got aquant=none)")
+    if cfg.nonlinear.softmax.log2 and cfg.nonlinear.name != "ivit":
+        raise ConfigError("nonlinear.softmax.log2=true is an integer Softmax kernel: it needs nonlinear=ivit "
+                          f"(got nonlinear={cfg.nonlinear.name})")
     check("threads", cfg.threads is None or cfg.threads >= 1, "null (automatic) or a positive number of threads")
     if cfg.nonlinear.name == "ivit" and (cfg.aquant.name == "none" or cfg.wquant.name == "none"):
         raise ConfigError(
-            "nonlinear=ivit needs integer tensors: use it with aquant=movavg and a weight quantizer "
+            "nonlinear=ivit needs integer tensors: use it with an activation quantizer and a weight quantizer "
             f"(got wquant={cfg.wquant.name}, aquant={cfg.aquant.name})"
         )
     if cfg.model.name == "vit_b_16" and cfg.data.name != "imagenet":
@@ -257,6 +275,11 @@ _INERT: tuple[tuple[tuple[str, ...], Any, str], ...] = (
     (("wbits",), lambda c: c.wquant.name == "none", "weights stay float with wquant=none"),
     (("abits", "aquant.", "lsq."), lambda c: c.aquant.name == "none",
      "activations stay float with aquant=none"),
+    (("aquant.percentile",), lambda c: c.aquant.name != "percentile", "it applies only to aquant=percentile"),
+    (("aquant.search_grid",), lambda c: c.aquant.name != "mse", "it applies only to aquant=mse"),
+    (("aquant.ln_reparam_alpha",), lambda c: not c.aquant.ln_reparam, "it applies only with aquant.ln_reparam=true"),
+    (("aquant.kernel_in_bits",), lambda c: c.aquant.kernel_in_bits == c.abits,
+     "the Softmax / GELU inputs are A{abits} already"),
     (("nonlinear.softmax.", "nonlinear.gelu.", "nonlinear.idadd_bits"), lambda c: c.nonlinear.name == "fp",
      "they set the integer kernels of nonlinear=ivit (got nonlinear=fp)"),
 )
@@ -280,5 +303,5 @@ def no_effect(cfg: Any, overrides: list[str]) -> list[str]:
         hit = [o for o, k in zip(overrides, keys, strict=True)
                if any(k == p.rstrip(".") or (p.endswith(".") and k.startswith(p)) for p in prefixes)]
         if hit:
-            lines.append(f"{', '.join(hit)}: no effect, {why.format(wquant=cfg.wquant.name)}")
+            lines.append(f"{', '.join(hit)}: no effect, {why.format(wquant=cfg.wquant.name, abits=cfg.abits)}")
     return lines

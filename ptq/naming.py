@@ -6,11 +6,14 @@ used by the run's summary line, W&B run names and the results table.
 A *row* is the dict stored under ``metrics.json["row"]``::
 
     {"model": "tiny_digits", "data": "digits", "wquant": "absmax" | "adaround" | "none",
-     "wbits": 4, "aquant": "movavg" | "none", "abits": 8, "nonlinear": "fp" | "ivit",
+     "wbits": 4, "aquant": "movavg" | "mse" | "percentile" | "none", "abits": 8, "nonlinear": "fp" | "ivit",
      "granularity": None | "layer" | "block" | "encoder" | "model",
      "lsq": bool, "quant_io": bool,
      "softmax": {"n": 15, "out_bits": 8}, "gelu": {"n": 23, "sig_bits": 8},
      "idadd_bits": 16}
+
+plus ``"ln_reparam": True``, ``"kernel_in_bits": 8`` and ``softmax["log2"] = True`` when those
+options are on.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ def row_name(row: Mapping[str, Any]) -> str:
         parts.append(str(row["granularity"]))
         if row.get("lsq") and row.get("aquant", "none") != "none":
             parts.append("lsq")
+    if row.get("aquant") in ("mse", "percentile"):
+        parts.append(str(row["aquant"]))
+    if row.get("ln_reparam"):
+        parts.append("lnrep")
+    if row.get("kernel_in_bits"):
+        parts.append(f"k{row['kernel_in_bits']}")
+    if (row.get("softmax") or {}).get("log2"):
+        parts.append("log2")
     parts.append(str(row.get("nonlinear", "fp")))
     if row.get("quant_io") is False:
         parts.append("noio")
@@ -51,7 +62,7 @@ def nonlinear_labels(row: Mapping[str, Any]) -> dict[str, str]:
     sm = row.get("softmax") or {}
     ge = row.get("gelu") or {}
     return {
-        "SoftMax": f"I[b{sm.get('out_bits', 8)},n{sm.get('n', 15)}]",
+        "SoftMax": f"I[log2,n{sm.get('n', 15)}]" if sm.get("log2") else f"I[b{sm.get('out_bits', 8)},n{sm.get('n', 15)}]",
         "GELU": f"I[b{ge.get('sig_bits', 8)},n{ge.get('n', 23)}]",
         "LN": "I[b8]",
         "IdAdd": str(row.get("idadd_bits", 16)),

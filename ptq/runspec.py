@@ -32,8 +32,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def row_of(cfg: Any) -> dict[str, Any]:
-    """The config fields that name this run's results-table row (see ptq.naming)."""
-    return {
+    """The config fields that name this run's results-table row (see ptq.naming).
+
+    Options added later (``ln_reparam``, ``kernel_in_bits``, ``softmax.log2``) appear only when on, so earlier
+    runs' rows (and names) stay what they were.
+    """
+    row = {
         "model": cfg.model.name,
         "data": cfg.data.name,
         "wquant": cfg.wquant.name,
@@ -48,6 +52,13 @@ def row_of(cfg: Any) -> dict[str, Any]:
         "gelu": {"n": int(cfg.nonlinear.gelu.n), "sig_bits": int(cfg.nonlinear.gelu.sig_bits)},
         "idadd_bits": int(cfg.nonlinear.idadd_bits),
     }
+    if cfg.aquant.ln_reparam:
+        row["ln_reparam"] = True
+    if cfg.aquant.kernel_in_bits is not None and cfg.aquant.name != "none" and cfg.aquant.kernel_in_bits != cfg.abits:
+        row["kernel_in_bits"] = int(cfg.aquant.kernel_in_bits)
+    if cfg.nonlinear.softmax.log2:
+        row["softmax"]["log2"] = True
+    return row
 
 
 def settings_of(cfg: Any) -> QuantSettings:
@@ -59,7 +70,12 @@ def settings_of(cfg: Any) -> QuantSettings:
         idadd_bits=int(nl.idadd_bits),
         momentum=float(cfg.aquant.momentum),
         quant_io=bool(cfg.aquant.quant_io),
-        backend=Backend(nl.name, nl.softmax.n, nl.softmax.out_bits, nl.gelu.n, nl.gelu.sig_bits),
+        backend=Backend(nl.name, nl.softmax.n, nl.softmax.out_bits, nl.gelu.n, nl.gelu.sig_bits,
+                        softmax_log2=bool(nl.softmax.log2)),
+        act_method=cfg.aquant.name if cfg.aquant.name != "none" else "movavg",
+        act_percentile=float(cfg.aquant.percentile),
+        act_grid=int(cfg.aquant.search_grid),
+        kernel_in_bits=None if cfg.aquant.kernel_in_bits is None else int(cfg.aquant.kernel_in_bits),
     )
 
 

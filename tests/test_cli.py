@@ -136,8 +136,9 @@ def test_experiment_configs_compose_to_their_rows(compose_cfg) -> None:
     names = {}
     for path in sorted((Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml")):
         names[path.stem] = row_name(runspec.row_of(compose_cfg(f"experiment={path.stem}")))
-    assert len(set(names.values())) == len(names) == 11  # every table row is a distinct configuration
+    assert len(set(names.values())) == len(names) == 12  # every table row is a distinct configuration
     assert names["abs_w4a32"] == "W4A32-absmax-fp"
     assert names["abs_w4a4_ivit"] == "W4A4-absmax-ivit"
     assert names["adaround_block_w4a8_ivit"] == "W4A8-adaround-block-lsq-ivit"
+    assert names["w4a4_best"] == "W4A4-adaround-block-lsq-mse-k8-ivit"
     assert row_name(runspec.row_of(compose_cfg("experiment=abs_w8a32", "wbits=4"))) == "W4A32-absmax-fp"

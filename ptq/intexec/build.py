@@ -167,11 +167,15 @@ def _attention(bld: _Builder, a: QAttention, x: str, s_x: Tensor, prefix: str) -
     sc = bld.op("matmul", [heads["q"], kt], f"{prefix}.scores.acc", bits=ACC_BITS, value_kind="accumulator",
                 vscale=s_scores, matmul="scores")
     sc = bld.requant(sc, s_scores, a.scores_q, a.scores_q.name)
-    _, s_p = ivit.shiftmax(torch.zeros(1, 1, dtype=torch.int64), _cpu(a.scores_q.scale), be.softmax_n,
-                           be.softmax_out_bits)
-    p = bld.op("shiftmax", [sc], f"{a.probs_q.name}.int", bits=be.softmax_out_bits, signed=False,
+    sm_bits = ivit.LOG2_IN_BITS if be.softmax_log2 else be.softmax_out_bits
+    _, s_p = ivit.shiftmax(torch.zeros(1, 1, dtype=torch.int64), _cpu(a.scores_q.scale), be.softmax_n, sm_bits)
+    p = bld.op("shiftmax", [sc], f"{a.probs_q.name}.int", bits=sm_bits, signed=False,
                value_kind="activation", vscale=s_p, scale=_json_scale(a.scores_q.scale), n=be.softmax_n,
-               out_bits=be.softmax_out_bits)  # the kernel's parameter is its input scale
+               out_bits=sm_bits)  # the kernel's parameter is its input scale
+    if be.softmax_log2:
+        _, s_p = ivit.log2_probs(torch.zeros(1, dtype=torch.int64))
+        p = bld.op("log2_probs", [p], f"{a.probs_q.name}.log2", bits=be.probs_bits, signed=False,
+                   value_kind="activation", vscale=s_p)
     s_ctx = s_p.to(torch.float32) * _cpu(a.v_q.scale) * 1.0
     ctx = bld.op("matmul", [p, heads["v"]], f"{prefix}.ctx.acc", bits=ACC_BITS, value_kind="accumulator",
                  vscale=s_ctx, matmul="context")
@@ -244,7 +248,8 @@ def build_program(qmodel: QuantViT, input_spec: dict[str, Any] | None = None,
                   "heads": qmodel.blocks[0].attn.heads if len(qmodel.blocks) else None,
                   "num_classes": int(head.fc.weight.shape[0])},
         "settings": {"wbits": st.wbits, "abits": st.abits, "idadd_bits": st.idadd_bits,
-                     "accumulator_bits": ACC_BITS, "softmax": {"n": be.softmax_n, "out_bits": be.softmax_out_bits},
+                     "accumulator_bits": ACC_BITS, "softmax": {"n": be.softmax_n, "out_bits": be.softmax_out_bits,
+                                                                "log2": be.softmax_log2},
                      "gelu": {"n": be.gelu_n, "sig_bits": be.gelu_sig_bits}},
         "input": {"name": "image", "dtype": "float32", "shape": [3, grid * emb.patch, grid * emb.patch],
                   **(input_spec or {})},
@@ -257,6 +262,7 @@ def build_program(qmodel: QuantViT, input_spec: dict[str, Any] | None = None,
             "add": "clamp(a + b, range(bits, signed))",
             "layernorm": "ivit.int_layernorm steps 1-5 + integer bias (step 6 folded)",
             "shiftmax": "ivit.shiftmax(x, scale, n, out_bits)",
+            "log2_probs": "ivit.log2_probs(x): 2**(round(log2 x) - 1), 0 below 2 (x: 16-bit Shiftmax)",
             "shift_gelu": "ivit.shift_gelu(x, scale, n, sig_bits)",
             "dequantize": "float32(x) * scale",
         },

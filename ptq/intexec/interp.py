@@ -285,6 +285,10 @@ def _shiftmax(op: dict, p: dict, x: Tensor) -> Tensor:
     return ivit.shiftmax(x, op["scale"], op["n"], op["out_bits"])[0]
 
 
+def _log2_probs(op: dict, p: dict, x: Tensor) -> Tensor:
+    return ivit.log2_probs(x)[0]
+
+
 def _shift_gelu(op: dict, p: dict, x: Tensor) -> Tensor:
     return ivit.shift_gelu(x, op["scale"], op["n"], op["sig_bits"])[0]
 
@@ -312,6 +316,7 @@ _OPS: dict[str, Callable[..., Tensor]] = {
     "matmul": _matmul,
     "layernorm": _layernorm,
     "shiftmax": _shiftmax,
+    "log2_probs": _log2_probs,
     "shift_gelu": _shift_gelu,
     "take_token": _take_token,
     "dequantize": _dequantize,

@@ -96,7 +96,10 @@ def load_run_model(run_dir: Path | str) -> tuple[QuantViT, DictConfig, dict[str,
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise NotVerifiable(f"{path}: unreadable ({type(exc).__name__}); rerun the run's command to rewrite it") from None
-    cfg = OmegaConf.create(obj["config"])
+    from ptq.config import Config
+
+    # the schema's defaults under the saved config: a run from before a key existed ran with its default
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), obj["config"])
     if cfg.nonlinear.name != "ivit":
         raise NotVerifiable(f"{run_dir}: nonlinear={cfg.nonlinear.name} has no integer program; only "
                             "nonlinear=ivit runs can be verified")

@@ -28,7 +28,7 @@ from torch import Tensor
 from ptq.quant.requant import ScaleLike
 from ptq.quant.requant import as_int64 as _as_int64
 
-__all__ = ["int_exp", "int_layernorm", "shift_gelu", "shiftmax"]
+__all__ = ["LOG2_IN_BITS", "LOG2_SCALE_BITS", "int_exp", "int_layernorm", "log2_probs", "shift_gelu", "shiftmax"]
 
 _CAP = 2**31 - 1  # the "2**31 - 1" of Shiftmax / ShiftGELU / I-LayerNorm
 _LN_B_LIMIT = 2**58  # |b| saturates here so that y + b (and its requantization) stays exact in int64
@@ -148,6 +148,33 @@ def shiftmax(q: Tensor, s: ScaleLike, n: int = 15, out_bits: int = 8) -> tuple[T
     f = _CAP // total
     p = e.mul_(f).bitwise_right_shift_(32 - out_bits)
     return p, s_out
+
+
+#: Shiftmax width feeding :func:`log2_probs` (p in [0, 2**15]), and the log2 output's scale 2**-14
+LOG2_IN_BITS = 16
+LOG2_SCALE_BITS = 14
+
+
+def log2_probs(p: Tensor) -> tuple[Tensor, Tensor]:
+    """Probabilities rounded to powers of two, 4-bit codes (``nonlinear.softmax.log2``).
+
+    ``p``: Shiftmax output at ``out_bits=LOG2_IN_BITS`` (integers in [0, 2**15] at scale 2**-15).
+    With ``L = round(log2 p)`` (half-way at ``p**2 >= 2**(2*floor(log2 p) + 1)``, exact in
+    int64), the output is ``2**(L - 1)`` at scale ``2**-14`` (real ``2**(L - 15)``, the nearest
+    power of two to ``p * 2**-15`` in the log domain) for ``L >= 1``, and 0 for ``p <= 1``:
+    15 powers ``2**0 .. 2**-14`` plus zero, 16 codes. ``probs @ v`` then needs only shifts
+    and adds. Returns ``(q, scale)``, ``q`` int64 in ``[0, 2**14]``.
+    """
+    pi = _as_int64(p)
+    if pi.numel() and (int(pi.min()) < 0 or int(pi.max()) > 2 ** (LOG2_IN_BITS - 1)):
+        raise ValueError(f"log2_probs expects Shiftmax integers in [0, 2**{LOG2_IN_BITS - 1}]")
+    _, e = torch.frexp(pi.clamp_min(1).to(torch.float64))  # exact below 2**53: floor(log2 p) = e - 1
+    m = e.to(torch.int64) - 1
+    up = (pi * pi) >= torch.bitwise_left_shift(torch.ones_like(m), 2 * m + 1)
+    lg = m + up.to(torch.int64)
+    q = torch.where((pi >= 1) & (lg >= 1), torch.bitwise_left_shift(torch.ones_like(lg), (lg - 1).clamp_min(0)),
+                    torch.zeros_like(lg))
+    return q, torch.tensor(2.0**-LOG2_SCALE_BITS, dtype=torch.float32, device=pi.device)
 
 
 def _gelu_product(q: Tensor, mx: Tensor, x0: int, n: int, sig_bits: int) -> Tensor:

@@ -23,6 +23,7 @@ from ptq.quant.quantizers import ActQuantizer
 # (AdaRound's training step) each runs as one opaque eager call and the float code around it
 # is compiled; without compilation these are the plain kernels.
 _shiftmax = torch.compiler.disable(ivit.shiftmax)
+_log2_probs = torch.compiler.disable(ivit.log2_probs)
 _shift_gelu = torch.compiler.disable(ivit.shift_gelu)
 _int_layernorm = torch.compiler.disable(ivit.int_layernorm)
 
@@ -41,21 +42,35 @@ class Backend:
     softmax_out_bits: int = 8
     gelu_n: int = 23
     gelu_sig_bits: int = 8
+    softmax_log2: bool = False  # probabilities as powers of two (ivit.log2_probs), 4-bit codes
 
     @property
     def integer(self) -> bool:
         return self.name == "ivit"
 
+    @property
+    def probs_bits(self) -> int:
+        """Width of the ivit probabilities: UINT(out_bits), or UINT15 powers of two with log2."""
+        return ivit.LOG2_SCALE_BITS + 1 if self.softmax_log2 else self.softmax_out_bits
+
     def softmax(self, x: QTensor, out_q: ActQuantizer, name: str = "softmax") -> QTensor:
-        """Attention probabilities; the ivit output is UINT(out_bits) at scale 2^-(out_bits-1)."""
+        """Attention probabilities; the ivit output is UINT(out_bits) at scale 2^-(out_bits-1).
+
+        With ``softmax_log2`` they are powers of two (:func:`ptq.quant.ivit.log2_probs` of a
+        16-bit Shiftmax) at scale 2^-14.
+        """
         if self.integer and x.integer:
             with torch.no_grad():
-                p, s = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, self.softmax_out_bits)
-            audit.record(name, p, self.softmax_out_bits, signed=False)
+                if self.softmax_log2:
+                    p, _ = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, ivit.LOG2_IN_BITS)
+                    p, s = _log2_probs(p)
+                else:
+                    p, s = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, self.softmax_out_bits)
+            audit.record(name, p, self.probs_bits, signed=False)
             s = s.to(torch.float32)
             soft = F.softmax(x.real(), dim=-1) / s if _needs_grad(x) else None
             v = ste_attach(p, soft) if soft is not None else p.to(torch.float32)
-            return QTensor(v, s, self.softmax_out_bits, signed=False)
+            return QTensor(v, s, self.probs_bits, signed=False)
         return out_q(QTensor.from_float(F.softmax(x.real(), dim=-1)))
 
     def gelu(self, x: QTensor, out_q: ActQuantizer, name: str = "gelu") -> QTensor:

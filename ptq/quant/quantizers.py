@@ -1,12 +1,15 @@
 """Quantizers: small modules with explicit state (scale buffers), torchao/Brevitas style.
 
 - :class:`WeightQuantizer`: symmetric per-output-channel absmax, nearest rounding.
-- :class:`ActQuantizer`: symmetric per-tensor moving-average absmax; optional
-  LSQ (learned step size). It requantizes integer accumulators with the
-  dyadic multiplier (``ptq.quant.requant.requantize``) so the simulation is
-  what integer hardware computes.
+- :class:`ActQuantizer`: symmetric per-tensor; its step from the moving-average absmax
+  (``movavg``), or searched over a histogram of the calibration activations (``mse``:
+  the clipping that minimises the tensor's quantization error; ``percentile``: clip at a
+  percentile of ``|x|``); optional LSQ (learned step size). It requantizes integer
+  accumulators with the dyadic multiplier (``ptq.quant.requant.requantize``) so the
+  simulation is what integer hardware computes.
 
-:func:`absmax_scale` is the one place a scale is derived from a range.
+:func:`absmax_scale` is the one place a scale is derived from a range; :func:`search_clip`
+the one place a clipping range is chosen from a histogram.
 """
 
 from __future__ import annotations
@@ -20,11 +23,39 @@ from ptq.quant import audit, requant
 from ptq.quant.qtensor import QTensor, fake_quant, grad_scale, qmax, qrange
 
 SCALE_EPS = 1e-8
+ACT_METHODS = ("movavg", "mse", "percentile")
+HIST_BINS = 2048  # bins of |x| over [0, max |x| seen] for the mse / percentile searches
 
 
 def absmax_scale(absmax: Tensor, bits: int, signed: bool = True) -> Tensor:
     """Scale that maps ``absmax`` onto the largest integer of the range (floored at SCALE_EPS)."""
     return (absmax.float() / qmax(bits, signed)).clamp_min(SCALE_EPS)
+
+
+def search_clip(hist: Tensor, top: Tensor, bits: int, signed: bool, method: str, percentile: float = 99.99,
+                grid: int = 100) -> Tensor:
+    """The clipping value (largest represented ``|x|``) chosen from a histogram of ``|x|`` over ``[0, top]``.
+
+    ``mse``: of ``grid`` candidates ``top * k / grid`` (k = 1..grid), the one whose
+    quantization (nearest rounding, clamped) of the bin centres has the least count-weighted
+    squared error, all candidates at once. ``percentile``: the upper edge of the bin where
+    the cumulative count first reaches ``percentile`` % of all values.
+    """
+    hist = hist.double()
+    top = top.double()
+    width = top / hist.numel()
+    if method == "percentile":
+        cum = hist.cumsum(0)
+        idx = torch.searchsorted(cum, cum[-1] * (percentile / 100.0))
+        return ((idx.clamp_max(hist.numel() - 1) + 1).double() * width).float()
+    if method != "mse":
+        raise ValueError(f"method {method!r} is not one of mse, percentile")
+    centres = (torch.arange(hist.numel(), dtype=torch.float64, device=hist.device) + 0.5) * width
+    clips = top * torch.arange(1, grid + 1, dtype=torch.float64, device=hist.device) / grid  # [R]
+    steps = (clips / qmax(bits, signed)).clamp_min(SCALE_EPS)[:, None]
+    q = torch.clamp(torch.round(centres[None] / steps), 0, qmax(bits, signed))  # [R, B]
+    err = ((centres[None] - q * steps) ** 2 * hist[None]).sum(1)
+    return clips[int(err.argmin())].float()
 
 
 def channel_view(scale: Tensor, like: Tensor) -> Tensor:
@@ -62,21 +93,34 @@ class ActQuantizer(nn.Module):
     """Per-tensor symmetric activation quantizer, scale from a moving average of the absmax.
 
     Modes: ``off`` (pass the float value through), ``observe`` (update the
-    moving average, pass through) and ``quant``. A disabled quantizer
+    moving average and the largest ``|x|`` seen, pass through), ``histogram`` (second
+    calibration pass of ``mse``/``percentile``: count ``|x|`` into bins over
+    ``[0, max seen]``, pass through) and ``quant``. A disabled quantizer
     (``enabled=False``: A32, or a switched-off input/output quantizer) stays
     ``off`` whatever mode is asked for.
     """
 
-    MODES = ("off", "observe", "quant")
+    MODES = ("off", "observe", "histogram", "quant")
 
-    def __init__(self, bits: int, signed: bool = True, momentum: float = 0.95, enabled: bool = True) -> None:
+    def __init__(self, bits: int, signed: bool = True, momentum: float = 0.95, enabled: bool = True,
+                 method: str = "movavg", percentile: float = 99.99, grid: int = 100) -> None:
         super().__init__()
+        if method not in ACT_METHODS:
+            raise ValueError(f"method {method!r} is not one of {ACT_METHODS}")
         self.bits, self.signed, self.momentum, self.enabled = bits, signed, momentum, enabled
+        self.method, self.percentile, self.grid = method, percentile, grid
         self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer("running_absmax", torch.zeros(()))
         self.register_buffer("n_batches", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seen_max", torch.zeros(()))
+        self.register_buffer("hist", torch.zeros(HIST_BINS if self.searched else 0, dtype=torch.float64))
         self.mode = "off"
         self.name = ""
+
+    @property
+    def searched(self) -> bool:
+        """Whether the step comes from a histogram search (a second calibration pass)."""
+        return self.method != "movavg" and self.enabled
 
     # -- state -------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -96,7 +140,16 @@ class ActQuantizer(nn.Module):
             self.running_absmax.copy_(m)
         else:
             self.running_absmax.mul_(self.momentum).add_((1.0 - self.momentum) * m)
+        self.seen_max.copy_(torch.maximum(self.seen_max, m))
         self.n_batches += 1
+
+    def count(self, real: Tensor) -> None:
+        """Add one batch's ``|x|`` to the histogram over ``[0, seen_max]`` (values above go to the last bin)."""
+        top = float(self.seen_max)
+        if top <= 0:
+            return
+        a = real.detach().abs().float().flatten().clamp_max(top)
+        self.hist += torch.histc(a, bins=HIST_BINS, min=0.0, max=top).to(self.hist.dtype)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -105,7 +158,12 @@ class ActQuantizer(nn.Module):
             return
         if int(self.n_batches) == 0:
             raise RuntimeError(f"activation quantizer {self.name or '?'} saw no calibration data")
-        self.scale.copy_(absmax_scale(self.running_absmax, self.bits, self.signed))
+        if self.searched and float(self.hist.sum()) > 0:
+            clip = search_clip(self.hist, self.seen_max, self.bits, self.signed, self.method, self.percentile,
+                               self.grid)
+            self.scale.copy_(absmax_scale(clip, self.bits, self.signed))
+        else:
+            self.scale.copy_(absmax_scale(self.running_absmax, self.bits, self.signed))
 
     # -- forward -----------------------------------------------------------
     def _step(self, x: Tensor) -> Tensor:
@@ -122,9 +180,12 @@ class ActQuantizer(nn.Module):
     def forward(self, x: QTensor) -> QTensor:
         if self.mode == "off":
             return x.dequant() if x.integer or x.per_channel else x
-        if self.mode == "observe":
+        if self.mode in ("observe", "histogram"):
             real = x.real()
-            self.observe(real)
+            if self.mode == "observe":
+                self.observe(real)
+            elif self.searched:
+                self.count(real)
             return QTensor.from_float(real)
         s = self._step(x.v)
         if x.integer and not torch.is_grad_enabled():
@@ -156,4 +217,5 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "int" if self.signed else "uint"
-        return f"{kind}{self.bits}, momentum={self.momentum}, enabled={self.enabled}, mode={self.mode}"
+        return (f"{kind}{self.bits}, {self.method}, momentum={self.momentum}, enabled={self.enabled}, "
+                f"mode={self.mode}")

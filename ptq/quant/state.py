@@ -1,8 +1,8 @@
 """The compact state of a calibrated (and reconstructed) ``QuantViT``: what the float model cannot give back.
 
 A ``QuantViT`` is its float model plus a little learned or observed state: every activation
-quantizer's scale (and its calibration statistics) and, for AdaRound, one rounding bit per
-weight. :func:`compact_state` keeps just that (rounding bits packed eight to a byte; at
+quantizer's scale (and its calibration statistics), any folded LayerNorm factors
+(``ptq.quant.reparam``) and, for AdaRound, one rounding bit per weight. :func:`compact_state` keeps just that (rounding bits packed eight to a byte; at
 vit_b_16 size about 10.8 MB against 690 MB for the full state dict with AdaRound's float V),
 and :func:`load_compact_state` puts it back into a ``QuantViT`` rebuilt from the same float
 model and settings. Everything else (weights, biases, LayerNorm affine, the weight scales and
@@ -18,12 +18,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ptq.quant import reparam
 from ptq.quant.rounding import AdaRoundQuantizer, install_adaround
 from ptq.quant.vit import QuantViT
 
 FORMAT = "ptq-quant-state/1"
-#: state-dict entries a rebuilt QuantViT derives from the float model by itself
-_DERIVED = re.compile(r"(\.weight|\.bias|\.const|\.wq\.scale|\.wq\.w_floor|\.wq\.v)$")
+#: entries a state may lack (it predates them): a fresh model's value is what such a run had (no fold)
+_OPTIONAL = re.compile(r"(\.seen_max|\.ln_r)$")
+#: state-dict entries a rebuilt QuantViT derives from the float model by itself (weights, with the
+#: saved LayerNorm factors folded in), or needs no more once the scales are fixed (histograms)
+_DERIVED = re.compile(r"(\.weight|\.bias|\.const|\.wq\.scale|\.wq\.w_floor|\.wq\.v|\.hist)$")
 
 
 def _pack(bits: Tensor) -> dict[str, Any]:
@@ -50,9 +54,10 @@ def load_compact_state(qmodel: QuantViT, state: dict[str, Any]) -> QuantViT:
         raise ValueError(f"not a {FORMAT} state (format {state.get('format')!r})")
     own = qmodel.state_dict()
     unknown = sorted(set(state["tensors"]) - set(own))
-    missing = sorted(k for k in own if not _DERIVED.search(k) and k not in state["tensors"])
+    missing = sorted(k for k in own if not _DERIVED.search(k) and not _OPTIONAL.search(k) and k not in state["tensors"])
     if unknown or missing:
         raise ValueError(f"quantized state does not fit this model: unknown {unknown[:4]}, missing {missing[:4]}")
+    reparam.apply_saved(qmodel, state["tensors"])  # before AdaRound: its floor comes from the folded weights
     qmodel.load_state_dict(state["tensors"], strict=False)
     if state["rounding"]:
         install_adaround(qmodel)

@@ -46,11 +46,32 @@ class QuantSettings:
     momentum: float = 0.95
     quant_io: bool = True
     backend: Backend = field(default_factory=Backend)
+    act_method: str = "movavg"  # how an A``abits`` step is chosen: movavg, mse or percentile
+    act_percentile: float = 99.99
+    act_grid: int = 100
+    kernel_in_bits: int | None = None  # width of the Softmax / GELU inputs (None: abits)
+
+    def kernel_input(self) -> ActQuantizer:
+        """The quantizer in front of Shiftmax / ShiftGELU: A``kernel_in_bits`` (the spec's INT8) or A``abits``.
+
+        These tensors feed an integer kernel, not a matmul, so a W4A4 model whose every matmul
+        operand is 4-bit can keep them at the width integer-ops.md specifies for the kernels.
+        """
+        q = self.act()
+        if self.kernel_in_bits is not None:
+            q.bits = int(self.kernel_in_bits)
+        return q
 
     def act(self, bits: int | None = None, signed: bool = True, enabled: bool = True) -> ActQuantizer:
-        """A new activation quantizer (A``abits`` unless ``bits`` is given)."""
+        """A new activation quantizer (A``abits`` unless ``bits`` is given).
+
+        The residual stream (``bits`` given: IdAdd) keeps the moving-average absmax: its
+        16 bits have room for every outlier, and clipping it would clip the stream itself.
+        """
         width = bits if bits is not None else (self.abits or 8)
-        return ActQuantizer(width, signed, self.momentum, enabled=enabled and self.abits is not None)
+        method = self.act_method if bits is None else "movavg"
+        return ActQuantizer(width, signed, self.momentum, enabled=enabled and self.abits is not None,
+                            method=method, percentile=self.act_percentile, grid=self.act_grid)
 
 
 def _magnitude(bits: int | None, signed: bool) -> int:
@@ -185,10 +206,11 @@ class QAttention(nn.Module):
         self.heads = mha.num_heads
         self.backend = st.backend
         self.ln = _copy_ln(block.ln_1)
+        self.register_buffer("ln_r", torch.ones(self.ln.normalized_shape))  # folded LN factors (quant.reparam)
         self.ln_q = st.act()
         self.qkv = QLinear(mha.in_proj_weight, mha.in_proj_bias, st.wbits)
         self.q_q, self.k_q, self.v_q = st.act(), st.act(), st.act()
-        self.scores_q = st.act()
+        self.scores_q = st.kernel_input()
         self.probs_q = st.act(signed=False)
         self.ctx_q = st.act()
         self.proj = QLinear(mha.out_proj.weight, mha.out_proj.bias, st.wbits)
@@ -221,9 +243,10 @@ class QMLP(nn.Module):
         fc1, fc2 = block.mlp[0], block.mlp[3]
         self.backend = st.backend
         self.ln = _copy_ln(block.ln_2)
+        self.register_buffer("ln_r", torch.ones(self.ln.normalized_shape))
         self.ln_q = st.act()
         self.fc1 = QLinear(fc1.weight, fc1.bias, st.wbits)
-        self.fc1_q = st.act()
+        self.fc1_q = st.kernel_input()
         self.gelu_q = st.act()
         self.fc2 = QLinear(fc2.weight, fc2.bias, st.wbits)
         self.res_q = st.act(st.idadd_bits)
@@ -256,6 +279,7 @@ class QHead(nn.Module):
             raise ValueError("ViTs with a pre-logits layer (representation_size) are not supported")
         self.backend = st.backend
         self.ln = _copy_ln(model.encoder.ln)
+        self.register_buffer("ln_r", torch.ones(self.ln.normalized_shape))
         self.ln_q = st.act(enabled=st.quant_io)
         self.fc = QLinear(heads.head.weight, heads.head.bias, st.wbits)
 

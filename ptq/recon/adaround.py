@@ -28,6 +28,7 @@ from torch import nn
 
 from ptq.atomic import atomic_path
 from ptq.cache import spec_key
+from ptq.calib import search_spec
 from ptq.data.build import loader, subset
 from ptq.quant.rounding import install_adaround
 from ptq.quant.vit import QLinear, QuantSettings, QuantViT
@@ -64,7 +65,7 @@ def resume_key(cfg: Any) -> str:
     return spec_key({
         "row": row_of(cfg), "model": model_identity(cfg), "data": data_identity(cfg), "seed": int(cfg.seed),
         "aquant": {k: cfg.aquant[k] for k in ("momentum", "calib_images", "calib_batch_size", "quant_io")},
-        "adaround": dict(cfg.adaround), "lsq": dict(cfg.lsq),
+        "adaround": dict(cfg.adaround), "lsq": dict(cfg.lsq), **search_spec(cfg),
     })
 
 

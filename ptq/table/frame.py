@@ -25,6 +25,8 @@ GRANULARITY = ("layer", "block", "encoder", "model")
 WQUANT_RANK = {"none": 0, "absmax": 1, **{f"adaround:{g}": 2 + i for i, g in enumerate(GRANULARITY)}}
 NONLINEAR_RANK = {"fp": 0, "ivit": 1}
 FAILED_COLUMNS = ["name", "dir", "error"]
+A_LABELS = {"movavg": "Mov", "mse": "MSE", "percentile": "Pct"}
+A_RANK = {"movavg": 0, "percentile": 1, "mse": 2}
 
 
 def _labels(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -39,10 +41,14 @@ def _labels(row: Mapping[str, Any]) -> dict[str, Any]:
         wl = "-" if wq == "none" else str(wq)
     if aq == "none":
         al = "-"
-    elif wq == "adaround" and row.get("lsq"):
-        al = "LSQ"
     else:
-        al = "Mov" if aq == "movavg" else str(aq)
+        al = A_LABELS.get(aq, str(aq))
+        if wq == "adaround" and row.get("lsq"):
+            al = "LSQ" if aq == "movavg" else f"LSQ({al})"
+        if row.get("ln_reparam"):
+            al += "+RepLN"
+        if row.get("kernel_in_bits"):
+            al += f"+K{row['kernel_in_bits']}"
     return {"[W]": wl, "[A]": al, "W": w, "A": a, **nonlinear_labels(row)}
 
 
@@ -56,7 +62,9 @@ def _sort_keys(row: Mapping[str, Any]) -> dict[str, Any]:
         "_a": -a,
         "_wq": WQUANT_RANK.get(wkey, 9),
         "_w": -w,
-        "_aq": int(bool(row.get("lsq"))) if wq == "adaround" else 0,
+        "_aq": (100 * int(bool(row.get("lsq"))) if wq == "adaround" else 0) + 10 * A_RANK.get(row.get("aquant"), 0)
+        + 2 * int(bool(row.get("ln_reparam"))) + int(bool((row.get("softmax") or {}).get("log2")))
+        + 4 * int(bool(row.get("kernel_in_bits"))),
     }
 
 
