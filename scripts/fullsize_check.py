@@ -1,0 +1,135 @@
+"""Full-size ViT-B/16 through the whole pipeline on the CPU: a randomly initialised vit_b_16 on a
+generated 224x224 ImageFolder, AdaRound (block) W4A8 with the integer backend, export and verify.
+
+    python scripts/fullsize_check.py --work /tmp/fullsize [--images 64] [--iters 5] [--out report.json]
+        [--readme README.md]
+    python scripts/fullsize_check.py --from-json report.json --readme README.md   # the block from a saved run
+
+It runs the real CLI (``python -m ptq.main``) in a subprocess and reports wall time per stage,
+the child's peak host RSS, the stage cache's size on disk, the quantized state's size and the
+widths report's largest accumulator; ``--readme`` rewrites the README's ``fullsize`` block.
+It exits non-zero unless the run is ok and the integer program matches the simulation exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = 4
+
+
+def make_imagefolder(root: Path, per_split: int, size: int = 224) -> None:
+    """``root/{train,val}/nXXXXXXXX/*.JPEG``: ``per_split`` random RGB images per split over CLASSES classes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(per_split):
+            d = root / split / f"n{i % CLASSES:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / f"img{i:04d}.JPEG"
+            if not path.exists():
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def command(work: Path, images: int, iters: int) -> list[str]:
+    """The documented full-size command (README "ViT-B/16 at full size")."""
+    return [sys.executable, "-m", "ptq.main", "model=vit_b_16", "data=imagenet", f"data.root={work / 'data'}",
+            "model.pretrained=false", "wquant=adaround", "granularity=block", "wbits=4", "nonlinear=ivit",
+            "export=true", f"aquant.calib_images={images}", f"data.eval_images={images}",
+            f"adaround.calib_images={images}", f"adaround.iters={iters}", "adaround.batch_size=8",
+            "adaround.compile=false", "data.batch_size=16", "aquant.calib_batch_size=16", "data.num_workers=0",
+            f"cache_dir={work / 'cache'}", f"hydra.run.dir={work / 'run'}", "tracking.mode=disabled"]
+
+
+def run(work: Path, images: int, iters: int) -> dict:
+    make_imagefolder(work / "data", images)
+    cmd = command(work, images, iters)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    run_dir = work / "run"
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    report = {
+        "returncode": proc.returncode, "status": metrics.get("status"), "error": metrics.get("error"),
+        "command": " ".join(["python", *cmd[1:]]).replace(str(work), "$WORK"),
+        "images": images, "iters": iters, "wall_s": round(wall, 1), "seconds": metrics.get("seconds", {}),
+        "peak_rss_gib": round(peak_kib / 2**20, 2), "cache_mib": round(dir_bytes(work / "cache") / 2**20, 1),
+        "run_dir_mib": round(dir_bytes(run_dir) / 2**20, 1),
+        "quant_state_mib": round((run_dir / "quant_state.pt").stat().st_size / 2**20, 2)
+        if (run_dir / "quant_state.pt").is_file() else None,
+    }
+    ie = metrics.get("intexec") or {}
+    report["intexec"] = {"mismatches": ie.get("mismatches"), "n": ie.get("n")}
+    widths = ie.get("widths") or {}
+    accs = (widths.get("matmuls") or {})
+    if accs:
+        kind, top = max(accs.items(), key=lambda kv: kv[1]["max_abs"])
+        report["largest_accumulator"] = {"matmul": kind, "max_abs": top["max_abs"], "bits": top["bits"],
+                                         "fits_int32": widths.get("all_accumulators_fit_int32")}
+    if proc.returncode != 0:
+        report["stderr_tail"] = proc.stderr[-3000:]
+    return report
+
+
+def markdown(r: dict) -> str:
+    s = r["seconds"]
+    acc = r.get("largest_accumulator") or {}
+    rows = [("wall, whole command", f"{r['wall_s']:.0f} s"),
+            *[(f"stage {k}", f"{v:.1f} s") for k, v in s.items()],
+            ("peak host RSS", f"{r['peak_rss_gib']:.2f} GiB"),
+            ("stage cache on disk", f"{r['cache_mib']:.1f} MiB"),
+            ("run dir on disk (integer program included)", f"{r['run_dir_mib']:.1f} MiB"),
+            ("quant_state.pt", f"{r['quant_state_mib']} MiB"),
+            ("largest accumulator", f"{acc.get('matmul')}: max|acc| = {acc.get('max_abs')} ({acc.get('bits')} bits, "
+                                    f"INT32 {'ok' if acc.get('fits_int32') else 'OVERFLOW'})"),
+            ("integer program vs simulation", f"mismatches={r['intexec']['mismatches']}/{r['intexec']['n']}")]
+    lines = ["| measure | value |", "| --- | --- |", *[f"| {a} | {b} |" for a, b in rows]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, help="scratch dir: data, cache and run dir go here")
+    ap.add_argument("--from-json", type=Path, default=None, help="report of an earlier run (no new run)")
+    ap.add_argument("--images", type=int, default=64, help="calibration and eval images each")
+    ap.add_argument("--iters", type=int, default=5, help="AdaRound iterations per unit")
+    ap.add_argument("--out", type=Path, default=None, help="write the report as JSON")
+    ap.add_argument("--readme", type=Path, default=None, help="rewrite this file's fullsize block")
+    args = ap.parse_args(argv)
+    if (args.work is None) == (args.from_json is None):
+        ap.error("give --work DIR (run it) or --from-json FILE (report a saved run)")
+    report = json.loads(args.from_json.read_text()) if args.from_json else run(args.work, args.images, args.iters)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    ok = report["status"] == "ok" and report["intexec"]["mismatches"] == 0
+    if not ok:
+        print(json.dumps(report, indent=1), file=sys.stderr)
+        return 1
+    text = markdown(report)
+    print(text, end="")
+    if args.readme:
+        sys.path.insert(0, str(ROOT))
+        from ptq.table import write_readme_block
+
+        write_readme_block(args.readme, text, "fullsize")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
