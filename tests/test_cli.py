@@ -142,3 +142,16 @@ def test_experiment_configs_compose_to_their_rows(compose_cfg) -> None:
     assert names["adaround_block_w4a8_ivit"] == "W4A8-adaround-block-lsq-ivit"
     assert names["w4a4_best"] == "W4A4-adaround-block-lsq-mse-k8-ivit"
     assert row_name(runspec.row_of(compose_cfg("experiment=abs_w8a32", "wbits=4"))) == "W4A32-absmax-fp"
+
+
+def test_cuda_without_a_cuda_device_fails_at_start_with_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible, even on a GPU box
+    res = subprocess.run([sys.executable, "-m", "ptq.main", f"hydra.run.dir={tmp_path / 'run'}", "device=cuda"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120, env=env)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "device=cuda" in lines[0], res.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()  # refused before the run started
