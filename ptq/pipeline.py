@@ -106,7 +106,7 @@ def record_failure(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
         name = naming.row_name(row)
     except Exception:
         row, name = {}, run_dir.name
-    write_json(run_dir / "metrics.json", {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+    write_json(run_dir / rundir.METRICS_FILE, {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                                           "name": name, "row": row, "group": cfg.tracking.group})
 
 

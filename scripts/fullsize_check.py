@@ -27,7 +27,7 @@ CLASSES = 4
 
 
 def make_imagefolder(root: Path, per_split: int, size: int = 224) -> None:
-    """``root/{train,val}/nXXXXXXXX/*.JPEG``: ``per_split`` random RGB images per split over CLASSES classes."""
+    """Two ImageFolder splits, ``root/train`` and ``root/val``, each of ``per_split`` random RGB JPEGs in CLASSES class dirs."""
     import numpy as np
     from PIL import Image
 

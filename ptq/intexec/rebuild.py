@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from ptq.atomic import atomic_path
+from ptq.config import Config
 from ptq.models.zoo import load_model
 from ptq.quant.state import compact_state, load_compact_state
 from ptq.quant.vit import QuantViT
@@ -96,8 +97,6 @@ def load_run_model(run_dir: Path | str) -> tuple[QuantViT, DictConfig, dict[str,
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise NotVerifiable(f"{path}: unreadable ({type(exc).__name__}); rerun the run's command to rewrite it") from None
-    from ptq.config import Config
-
     # the schema's defaults under the saved config: a run from before a key existed ran with its default
     cfg = OmegaConf.merge(OmegaConf.structured(Config), obj["config"])
     if cfg.nonlinear.name != "ivit":

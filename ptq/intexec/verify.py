@@ -139,7 +139,8 @@ def diff_trace(qmodel: QuantViT, program: Program, image: Tensor) -> list[dict[s
     return rows
 
 
-def verify_program(qmodel: QuantViT, program: Program, images: Images, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
+def verify_program(qmodel: QuantViT, program: Program, images: Images, batch_size: int = BATCH_SIZE,
+                   keep_logits: bool = False) -> dict[str, Any]:
     """Run the simulation and the integer program on every image; count images whose outputs differ.
 
     An image mismatches when its head accumulator (exact integers) or its logits
@@ -153,7 +154,8 @@ def verify_program(qmodel: QuantViT, program: Program, images: Images, batch_siz
     sim_logits: list[Tensor] = []
     for x in tqdm(_batches(images, batch_size), desc="intexec verify", unit="batch", leave=False):
         acc_sim, logits_sim = simulate(qmodel, x)
-        sim_logits.append(logits_sim)
+        if keep_logits:
+            sim_logits.append(logits_sim)
         out = interp.run(x, hook=rec)
         ok = (out[acc_name] == acc_sim).all(-1) & _same_bits(out[out_name], logits_sim)
         n += int(ok.numel())
@@ -163,8 +165,10 @@ def verify_program(qmodel: QuantViT, program: Program, images: Images, batch_siz
     if first_bad is not None:
         rows = [r for r in diff_trace(qmodel, program, first_bad) if r["differ"]]
         log.error("integer program differs from the simulation; first diverging tensors: %s", rows[:5])
-    return {"exact": bad == 0, "mismatches": bad, "n": n, "widths": rec.report(program.tensors),
-            "logits": torch.cat(sim_logits) if sim_logits else torch.empty(0)}
+    res = {"exact": bad == 0, "mismatches": bad, "n": n, "widths": rec.report(program.tensors)}
+    if keep_logits:  # the simulated logits (``verify_run`` checks them against the run's fingerprint)
+        res["logits"] = torch.cat(sim_logits) if sim_logits else torch.empty(0)
+    return res
 
 
 def _log_widths(widths: dict[str, Any]) -> None:
@@ -222,7 +226,7 @@ def verify_run(run_dir: Path, out: Path | None = None, reexport: bool = False, i
     else:
         log.info("verifying the existing artefact %s", art)
         program = load_program(art)
-    res = verify_program(qmodel, program, eval_images(cfg, images), batch_size)
+    res = verify_program(qmodel, program, eval_images(cfg, images), batch_size, keep_logits=True)
     check_fingerprint(res.pop("logits"), check, run_dir)
     if write:
         (art / WIDTHS_FILE).write_text(json.dumps(res["widths"], indent=1))

@@ -57,21 +57,21 @@ class QuantSettings:
         These tensors feed an integer kernel, not a matmul, so a W4A4 model whose every matmul
         operand is 4-bit can keep them at the width integer-ops.md specifies for the kernels.
         """
-        q = self.act()
-        if self.kernel_in_bits is not None:
-            q.bits = int(self.kernel_in_bits)
-        return q
+        return self.act(self.kernel_in_bits)
 
-    def act(self, bits: int | None = None, signed: bool = True, enabled: bool = True) -> ActQuantizer:
-        """A new activation quantizer (A``abits`` unless ``bits`` is given).
+    def residual(self) -> ActQuantizer:
+        """The residual stream's quantizer (IdAdd, ``idadd_bits``), always moving-average absmax.
 
-        The residual stream (``bits`` given: IdAdd) keeps the moving-average absmax: its
-        16 bits have room for every outlier, and clipping it would clip the stream itself.
+        Its 16 bits have room for every outlier, and clipping it would clip the stream itself.
         """
+        return self.act(self.idadd_bits, method="movavg")
+
+    def act(self, bits: int | None = None, signed: bool = True, enabled: bool = True,
+            method: str | None = None) -> ActQuantizer:
+        """A new activation quantizer: A``bits`` (default ``abits``), step by ``method`` (default ``act_method``)."""
         width = bits if bits is not None else (self.abits or 8)
-        method = self.act_method if bits is None else "movavg"
         return ActQuantizer(width, signed, self.momentum, enabled=enabled and self.abits is not None,
-                            method=method, percentile=self.act_percentile, grid=self.act_grid)
+                            method=method or self.act_method, percentile=self.act_percentile, grid=self.act_grid)
 
 
 def _magnitude(bits: int | None, signed: bool) -> int:
@@ -183,7 +183,7 @@ class QPatchEmbed(nn.Module):
         pos = model.encoder.pos_embedding.detach()
         cls = model.class_token.detach() + pos[:, :1]
         self.const = nn.Parameter(torch.cat([cls, pos[:, 1:]], dim=1).clone(), requires_grad=False)
-        self.res_q = st.act(st.idadd_bits)
+        self.res_q = st.residual()
 
     def forward(self, img: Tensor) -> QTensor:
         x = self.in_q(QTensor.from_float(img))
@@ -214,7 +214,7 @@ class QAttention(nn.Module):
         self.probs_q = st.act(signed=False)
         self.ctx_q = st.act()
         self.proj = QLinear(mha.out_proj.weight, mha.out_proj.bias, st.wbits)
-        self.res_q = st.act(st.idadd_bits)
+        self.res_q = st.residual()
 
     def forward(self, x: QTensor) -> QTensor:
         h = self.backend.layernorm(x, self.ln, self.ln_q, self.ln_q.name + ".int")
@@ -249,7 +249,7 @@ class QMLP(nn.Module):
         self.fc1_q = st.kernel_input()
         self.gelu_q = st.act()
         self.fc2 = QLinear(fc2.weight, fc2.bias, st.wbits)
-        self.res_q = st.act(st.idadd_bits)
+        self.res_q = st.residual()
 
     def forward(self, x: QTensor) -> QTensor:
         h = self.backend.layernorm(x, self.ln, self.ln_q, self.ln_q.name + ".int")
