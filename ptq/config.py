@@ -110,7 +110,7 @@ class AdaRoundConfig:
     beta_end: float = 2.0
     early_stop: float = 1e-5
     resume: bool = True  # continue after the last finished unit of an interrupted identical run
-    compile: bool = True  # torch.compile the unit's loss (the ivit kernels stay eager calls inside it)
+    compile: bool = True  # torch.compile the unit's loss (the ivit kernels are opaque ops inside it)
 
 
 @dataclass

@@ -156,7 +156,7 @@ def test_compiled_training_step_runs_and_learns(compose_cfg, tmp_path: Path) -> 
     assert any(r["loss_after"] < r["loss_before"] for r in m["units"])
     ivit = compose_cfg("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", "nonlinear=ivit",
                        "adaround.compile=true", "adaround.iters=40", "data.eval_images=128")
-    assert train.loss_function(ivit) is not train.unit_recon_loss  # integer kernels: eager calls inside
+    assert train.loss_function(ivit) is not train.unit_recon_loss  # integer kernels: opaque ops inside
     m = pipeline.run(ivit, tmp_path / "compiled_ivit")
     assert m["status"] == "ok" and len(m["units"]) == 10
     assert any(r["loss_after"] < r["loss_before"] for r in m["units"])

@@ -13,19 +13,51 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ptq.quant import audit, ivit
 from ptq.quant.qtensor import QTensor, ste_attach
 from ptq.quant.quantizers import ActQuantizer
 
-# The integer kernels read data-dependent Python integers (shifts, ranges). Under torch.compile
-# (AdaRound's training step) each runs as one opaque eager call and the float code around it
-# is compiled; without compilation these are the plain kernels.
-_shiftmax = torch.compiler.disable(ivit.shiftmax)
-_log2_probs = torch.compiler.disable(ivit.log2_probs)
-_shift_gelu = torch.compiler.disable(ivit.shift_gelu)
-_int_layernorm = torch.compiler.disable(ivit.int_layernorm)
+# The integer kernels read data-dependent Python integers (shifts, table sizes), which torch.compile
+# cannot trace. They are registered as opaque custom ops instead: inside AdaRound's compiled step
+# each is one call in the graph (its output shapes come from the fake implementations below), so
+# the float code around it stays one forward and one backward graph. Before, they were
+# ``torch.compiler.disable``d calls, each a graph break: an ivit attention unit ran as 5 graphs.
+
+
+@torch.library.custom_op("ptq::shiftmax", mutates_args=())
+def _shiftmax(q: Tensor, s: Tensor, n: int, out_bits: int) -> tuple[Tensor, Tensor]:
+    return ivit.shiftmax(q, s, n, out_bits)
+
+
+@torch.library.custom_op("ptq::log2_probs", mutates_args=())
+def _log2_probs(p: Tensor) -> tuple[Tensor, Tensor]:
+    return ivit.log2_probs(p)
+
+
+@torch.library.custom_op("ptq::shift_gelu", mutates_args=())
+def _shift_gelu(q: Tensor, s: Tensor, n: int, sig_bits: int) -> tuple[Tensor, Tensor]:
+    return ivit.shift_gelu(q, s, n, sig_bits)
+
+
+@torch.library.custom_op("ptq::int_layernorm", mutates_args=())
+def _int_layernorm(q: Tensor, s: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    return ivit.int_layernorm(q, s, weight, bias)
+
+
+def _ints_and_scalar(q: Tensor, *_: object) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape, dtype=torch.int64), q.new_empty((), dtype=torch.float32)
+
+
+_shiftmax.register_fake(_ints_and_scalar)
+_log2_probs.register_fake(_ints_and_scalar)
+_shift_gelu.register_fake(_ints_and_scalar)
+
+
+@_int_layernorm.register_fake
+def _(q: Tensor, s: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape, dtype=torch.int64), q.new_empty(q.shape[-1:], dtype=torch.float32)
 
 
 def _needs_grad(x: QTensor) -> bool:
@@ -87,6 +119,14 @@ class Backend:
 
     def layernorm(self, x: QTensor, ln: nn.LayerNorm, out_q: ActQuantizer, name: str = "ln") -> QTensor:
         """LayerNorm of the residual stream (INT16 in), requantized by ``out_q`` (INT8)."""
+        return out_q(self.norm(x, ln, name))
+
+    def norm(self, x: QTensor, ln: nn.LayerNorm, name: str = "ln") -> QTensor:
+        """LayerNorm before its output quantizer: I-LayerNorm's INT32 ``y`` (ivit) or the float op.
+
+        Split from :meth:`layernorm` so that AdaRound can compute it once over a unit's cached
+        inputs (``ptq.recon.unitcache.precompute_norm``): nothing in it is learned.
+        """
         if self.integer and x.integer:
             with torch.no_grad():
                 y, s = _int_layernorm(x.v.detach(), x.s.detach(), ln.weight.detach(), ln.bias.detach())
@@ -96,5 +136,5 @@ class Backend:
                 soft = F.layer_norm(x.real(), ln.normalized_shape, ln.weight, ln.bias, ln.eps) / s
                 y = ste_attach(y, soft)
             # no grad: y stays int64, since |y| reaches 2**30 and float32 holds integers only to 2**24
-            return out_q(QTensor(y, s, 32))
-        return out_q(QTensor.from_float(F.layer_norm(x.real(), ln.normalized_shape, ln.weight, ln.bias, ln.eps)))
+            return QTensor(y, s, 32)
+        return QTensor.from_float(F.layer_norm(x.real(), ln.normalized_shape, ln.weight, ln.bias, ln.eps))

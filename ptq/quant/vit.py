@@ -216,8 +216,13 @@ class QAttention(nn.Module):
         self.proj = QLinear(mha.out_proj.weight, mha.out_proj.bias, st.wbits)
         self.res_q = st.residual()
 
-    def forward(self, x: QTensor) -> QTensor:
-        h = self.backend.layernorm(x, self.ln, self.ln_q, self.ln_q.name + ".int")
+    def norm(self, x: QTensor) -> QTensor:
+        """LN1 of the block input, before its quantizer (what ``forward``'s ``normed`` stands in for)."""
+        return self.backend.norm(x, self.ln, self.ln_q.name + ".int")
+
+    def forward(self, x: QTensor, normed: QTensor | None = None) -> QTensor:
+        """``normed``: ``self.norm(x)`` when the caller has it already (AdaRound's precomputed LN)."""
+        h = self.ln_q(self.norm(x) if normed is None else normed)
         acc = self.qkv(h)
         b, t, e3 = acc.v.shape
         e, d = e3 // 3, e3 // 3 // self.heads
@@ -251,8 +256,12 @@ class QMLP(nn.Module):
         self.fc2 = QLinear(fc2.weight, fc2.bias, st.wbits)
         self.res_q = st.residual()
 
-    def forward(self, x: QTensor) -> QTensor:
-        h = self.backend.layernorm(x, self.ln, self.ln_q, self.ln_q.name + ".int")
+    def norm(self, x: QTensor) -> QTensor:
+        """LN2 of the sub-block input, before its quantizer (see :meth:`QAttention.norm`)."""
+        return self.backend.norm(x, self.ln, self.ln_q.name + ".int")
+
+    def forward(self, x: QTensor, normed: QTensor | None = None) -> QTensor:
+        h = self.ln_q(self.norm(x) if normed is None else normed)
         g = self.backend.gelu(self.fc1_q(self.fc1(h)), self.gelu_q, self.gelu_q.name + ".int")
         return self.res_q.add(x, self.fc2(g))
 
@@ -265,8 +274,12 @@ class QBlock(nn.Module):
         self.attn = QAttention(block, st)
         self.mlp = QMLP(block, st)
 
-    def forward(self, x: QTensor) -> QTensor:
-        return self.mlp(self.attn(x))
+    def norm(self, x: QTensor) -> QTensor:
+        """LN1 of the block input (the only part of the block that depends on its input alone)."""
+        return self.attn.norm(x)
+
+    def forward(self, x: QTensor, normed: QTensor | None = None) -> QTensor:
+        return self.mlp(self.attn(x, normed))
 
 
 class QHead(nn.Module):

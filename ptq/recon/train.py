@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ptq.quant.quantizers import SCALE_EPS, ActQuantizer
 from ptq.quant.rounding import AdaRoundQuantizer
 from ptq.quant.vit import QLinear
-from ptq.recon.unitcache import Cached, Value, as_real
+from ptq.recon.unitcache import Cached, Value, as_real, precompute_norm
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,13 @@ def recon_loss(out: Tensor, target: Tensor) -> Tensor:
     return (out - target).pow(2).flatten(1).sum(1).mean()
 
 
-def unit_recon_loss(unit: nn.Module, x: Value, target: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
-    """One batch's reconstruction loss of the unit and its rounding regularizer at ``beta``."""
-    rec = recon_loss(as_real(unit(x)), target)
+def unit_recon_loss(unit: nn.Module, x: Value, target: Tensor, beta: Tensor,
+                    normed: Value | None = None) -> tuple[Tensor, Tensor]:
+    """One batch's reconstruction loss of the unit and its rounding regularizer at ``beta``.
+
+    ``normed``: the unit's first LayerNorm of ``x``, precomputed (``unitcache.precompute_norm``).
+    """
+    rec = recon_loss(as_real(unit(x) if normed is None else unit(x, normed)), target)
     reg = torch.zeros((), device=target.device)
     for m in unit.modules():
         if isinstance(m, AdaRoundQuantizer):
@@ -67,8 +71,9 @@ def loss_function(cfg: Any) -> Any:
 
     Compiled, a block unit's forward+backward of the embedded default ran 1.6-2.2x faster
     on the CPU (one compilation per unit class, reused by every block). With the ivit
-    backend the integer kernels stay eager calls inside the compiled step
-    (``ptq.quant.nonlinear``): an attention unit's iteration went from 7.7 to 4.7 ms.
+    backend the integer kernels are opaque custom ops inside the one compiled graph
+    (``ptq.quant.nonlinear``); as graph breaks they had split an attention unit's step into
+    five graphs (4.67 -> 3.79 ms per iteration when they became ops).
 
     Every unit class, shape and quantizer setting is one more compiled graph of this one
     function; past dynamo's recompile limit (8) it silently runs eagerly, which a multirun
@@ -84,13 +89,54 @@ def loss_function(cfg: Any) -> Any:
     return _compiled_loss
 
 
-def _adam(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """One Adam over the rounding variables and the LSQ steps (per-parameter state, so the same as
-    one optimizer each); the fused kernel where this torch has it (2.6x faster steps measured here)."""
-    try:
-        return torch.optim.Adam(groups, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(groups)
+class FusedAdam:
+    """Adam (betas 0.9/0.999, eps 1e-8, no weight decay) over parameter groups, one fused kernel call per group.
+
+    The same update as ``torch.optim.Adam(groups, fused=True)`` (the same kernel, called the same
+    way; tests/test_recon_speed.py checks it bit for bit) without its per-step bookkeeping in
+    Python: measured here 0.24 ms of the step went to ``Adam.step`` and 0.03 ms to ``zero_grad``,
+    a fifth of a layer unit's whole iteration. Parameters without a gradient are skipped, as Adam does.
+    """
+
+    BETAS, EPS = (0.9, 0.999), 1e-8
+
+    def __init__(self, groups: list[dict[str, Any]]) -> None:
+        self.groups = []
+        for g in groups:
+            params = list(g["params"])
+            self.groups.append({
+                "params": params, "lr": float(g["lr"]),
+                "exp_avg": [torch.zeros_like(p) for p in params],
+                "exp_avg_sq": [torch.zeros_like(p) for p in params],
+                "step": [torch.zeros((), dtype=torch.float32, device=p.device) for p in params],
+            })
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            for p in g["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for g in self.groups:
+            live = [i for i, p in enumerate(g["params"]) if p.grad is not None]
+            if not live:
+                continue
+            params = [g["params"][i] for i in live]
+            steps = [g["step"][i] for i in live]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(params, [p.grad for p in params], [g["exp_avg"][i] for i in live],
+                               [g["exp_avg_sq"][i] for i in live], [], steps, amsgrad=False, lr=g["lr"],
+                               beta1=self.BETAS[0], beta2=self.BETAS[1], weight_decay=0.0, eps=self.EPS,
+                               maximize=False, grad_scale=None, found_inf=None)
+
+
+def _adam(groups: list[dict[str, Any]]) -> FusedAdam | torch.optim.Optimizer:
+    """One Adam over the rounding variables and the LSQ steps (per-parameter state, so the same as one
+    optimizer each): :class:`FusedAdam` where this torch has the fused kernel, else ``torch.optim.Adam``."""
+    if hasattr(torch, "_fused_adam_"):
+        return FusedAdam(groups)
+    return torch.optim.Adam(groups)
 
 
 def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg: Any, device: torch.device,
@@ -112,6 +158,7 @@ def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg:
         groups.append({"params": steps, "lr": lsq.lr})
     opt = _adam(groups)
     gen = torch.Generator().manual_seed(seed)
+    normed = precompute_norm(unit, inputs, device)
     loss_fn = loss_function(cfg)
     warm = int(ada.warmup * ada.iters)
     curve: dict[str, list[float]] = {"step": [], "loss": [], "reg": [], "beta": []}
@@ -122,18 +169,19 @@ def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg:
         for it in bar:
             idx = torch.randint(len(inputs), (ada.batch_size,), generator=gen)
             x, t = inputs.take(idx, device), targets.take_real(idx, device)
+            n = normed.take(idx, device) if normed is not None else None
             beta = beta_at(it, ada.iters, warm, ada.beta_start, ada.beta_end)
             beta_t = torch.tensor(beta, device=device)
             try:
-                rec, reg = loss_fn(unit, x, t, beta_t)
+                rec, reg = loss_fn(unit, x, t, beta_t, n)
             except Exception as exc:  # a backend torch.compile cannot handle here: run eagerly
                 if loss_fn is unit_recon_loss:
                     raise
                 log.warning("torch.compile failed for %s (%s); AdaRound continues eagerly", name, type(exc).__name__)
                 loss_fn = unit_recon_loss
-                rec, reg = loss_fn(unit, x, t, beta_t)
+                rec, reg = loss_fn(unit, x, t, beta_t, n)
             loss = rec + (ada.reg_weight * reg if it >= warm else 0.0)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
             if steps:
