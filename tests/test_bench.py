@@ -19,13 +19,13 @@ from ptq import bench
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
-    """One quick benchmark of both models (single thread: steadier on a shared machine; the eager ivit
-    AdaRound step, since compiling it for ten unit shapes would dominate the suite)."""
+    """One quick benchmark of both models and both AdaRound backends (single thread: steadier on a shared
+    machine; the eager AdaRound step, since compiling it for twenty unit shapes would dominate the suite)."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         rc = bench.main(["--quick", "--device", "cpu", "--threads", "1", "--models", "tiny,vit_b_16",
-                         "--adaround-backend", "ivit", "--no-adaround-compile", "--out", str(out)])
+                         "--no-adaround-compile", "--out", str(out)])
     assert rc == 0
     return json.loads(out.read_text()), stdout.getvalue(), out
 
@@ -56,10 +56,14 @@ def test_throughput_and_memory_numbers_are_positive(quick_run) -> None:
             assert _positive(m["eval"][variant]["memory"]["host_peak_bytes"]), (name, variant)
         cal = m["calibration"]
         assert _positive(cal["images_per_s"]) and _positive(cal["memory"]["host_peak_bytes"])
-        assert len(m["adaround"]["units"]) == 5
-        for kind, u in m["adaround"]["units"].items():
-            for key in ("adaround_iter_s", "float_fwd_bwd_s", "ratio"):
-                assert _positive(u[key]), (name, kind, key)
+        assert set(m["adaround"]) == {"fp", "ivit"}
+        for backend, ada in m["adaround"].items():
+            assert len(ada["units"]) == 5 and backend in ada["settings"]
+            for kind, u in ada["units"].items():
+                for key in ("adaround_iter_s", "float_fwd_bwd_s", "ratio"):
+                    assert _positive(u[key]), (name, backend, kind, key)
+            worst = max(ada["units"]["block_attn"]["ratio"], ada["units"]["block_mlp"]["ratio"])
+            assert m["ratios"]["adaround_block" + ("" if backend == "fp" else "_ivit")] == worst
         mem = m["cache_memory"]
         for key in ("inputs_bytes", "targets_bytes", "steady_bytes", "capture_peak_bytes"):
             assert _positive(mem["analytic"][key]), (name, key)

@@ -180,8 +180,9 @@ def _bench_unit(kind: str, named: tuple[str, nn.Module], twin_unit: nn.Module, f
 
 
 def bench_adaround(model: VisionTransformer, calib: Tensor, plan: Plan, device: torch.device,
-                   backend: str, compile_step: bool = True) -> dict[str, Any]:
-    """AdaRound iteration vs float forward+backward for layer, block and encoder units of the middle block."""
+                   backend: str, compile_step: bool = True, measure_memory: bool = True) -> dict[str, Any]:
+    """AdaRound iteration vs float forward+backward for layer, block and encoder units of the middle block
+    (and the unit caches' memory, which does not depend on the backend, when ``measure_memory``)."""
     st = QuantSettings(wbits=4, abits=8, backend=Backend(backend))
     q = calibrated(model, st, calib, plan.calib_batch, device)
     install_adaround(q)
@@ -202,7 +203,8 @@ def bench_adaround(model: VisionTransformer, calib: Tensor, plan: Plan, device: 
         with recon_train.flush_denormals():  # as reconstruct_model runs it
             out["units"][kind] = _bench_unit(kind, qu[kind], tu[kind][1], fu[kind], q, twin, imgs, plan, device,
                                              _adaround_cfg(plan, backend, compile_step))
-    t0 = time.perf_counter()
-    out["memory"] = bench_cache_memory(q, twin, calib, plan, device)
-    log.info("cache memory measured in %.1fs", time.perf_counter() - t0)
+    if measure_memory:
+        t0 = time.perf_counter()
+        out["memory"] = bench_cache_memory(q, twin, calib, plan, device)
+        log.info("cache memory measured in %.1fs", time.perf_counter() - t0)
     return out

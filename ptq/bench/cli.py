@@ -20,7 +20,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from ptq.bench.adaround import bench_adaround
 from ptq.bench.evaluation import bench_eval
 from ptq.bench.memory import cache_report
-from ptq.bench.plans import DEFAULT_OUT, PLANS, TARGETS, build_model, images_for
+from ptq.bench.plans import ADAROUND_BACKENDS, DEFAULT_OUT, PLANS, TARGETS, build_model, images_for
 from ptq.bench.report import markdown_table, replace_marked_block, update_readme
 from ptq.bench.timing import machine_info
 from ptq.runspec import resolve_device
@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 DESCRIPTION = "Performance benchmark: quantized evaluation, AdaRound iterations, calibration and cache memory."
 
 
-def bench_model(name: str, quick: bool, device: torch.device, backend: str, compile_step: bool = True) -> dict[str, Any]:
-    """Every measurement for one model."""
+def bench_model(name: str, quick: bool, device: torch.device, backends: Sequence[str] = ADAROUND_BACKENDS,
+                compile_step: bool = True) -> dict[str, Any]:
+    """Every measurement for one model; AdaRound once per nonlinear backend in ``backends``."""
     plan = PLANS[(name, quick)]
     model, meta = build_model(name, plan)
     log.info("benchmarking %s (%s) on %s", name, meta, device)
@@ -41,20 +42,25 @@ def bench_model(name: str, quick: bool, device: torch.device, backend: str, comp
     t0 = time.perf_counter()
     res, _ = bench_eval(model, calib[:plan.calib_images], images, plan, device)
     log.info("%s: calibration and eval measured in %.1fs", name, time.perf_counter() - t0)
-    t1 = time.perf_counter()
-    ada = bench_adaround(model, calib, plan, device, backend, compile_step)
-    log.info("%s: AdaRound and caches measured in %.1fs", name, time.perf_counter() - t1)
-    units = ada["units"]
-    ratios = {
-        "eval_fp_ops": res["eval"]["fp_ops"]["ratio_to_float"],
-        "eval_ivit": res["eval"]["ivit"]["ratio_to_float"],
-        "adaround_layer": (units["layer_qkv"]["ratio"] + units["layer_fc1"]["ratio"]) / 2,
-        "adaround_block": (units["block_attn"]["ratio"] + units["block_mlp"]["ratio"]) / 2,
-        "adaround_encoder": units["encoder"]["ratio"],
-    }
-    memory = cache_report(name, model, ada.pop("memory"), device)
+    ratios = {"eval_fp_ops": res["eval"]["fp_ops"]["ratio_to_float"], "eval_ivit": res["eval"]["ivit"]["ratio_to_float"]}
+    adaround: dict[str, Any] = {}
+    memory = None
+    for i, backend in enumerate(backends):
+        t1 = time.perf_counter()
+        ada = bench_adaround(model, calib, plan, device, backend, compile_step, measure_memory=i == 0)
+        log.info("%s: AdaRound (%s) measured in %.1fs", name, backend, time.perf_counter() - t1)
+        if i == 0:
+            memory = cache_report(name, model, ada.pop("memory"), device)
+        adaround[backend] = ada
+        ratios.update(unit_ratios(ada["units"], "" if backend == "fp" else f"_{backend}"))
     return {"model": meta | {"name": name, "arch": _arch(model)}, "plan": asdict(plan), "ratios": ratios,
-            **res, "adaround": ada, "cache_memory": memory, "seconds": round(time.perf_counter() - t0, 2)}
+            **res, "adaround": adaround, "cache_memory": memory, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def unit_ratios(units: dict[str, Any], suffix: str) -> dict[str, float]:
+    """Per unit kind, the worst (largest) ratio of its units: the issue's target is on every unit."""
+    kinds = {"layer": ("layer_qkv", "layer_fc1"), "block": ("block_attn", "block_mlp"), "encoder": ("encoder",)}
+    return {f"adaround_{k}{suffix}": max(units[u]["ratio"] for u in us) for k, us in kinds.items()}
 
 
 def _arch(model: VisionTransformer) -> dict[str, int]:
@@ -62,8 +68,8 @@ def _arch(model: VisionTransformer) -> dict[str, int]:
             "hidden_dim": model.hidden_dim, "mlp_dim": model.mlp_dim, "num_classes": model.num_classes}
 
 
-def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto", backend: str = "fp",
-              compile_step: bool = True) -> dict[str, Any]:
+def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto",
+              backends: Sequence[str] = ADAROUND_BACKENDS, compile_step: bool = True) -> dict[str, Any]:
     """Run the benchmark; the JSON-ready result."""
     device = resolve_device(device_name)
     result: dict[str, Any] = {
@@ -71,7 +77,7 @@ def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto", bac
         "machine": machine_info(device), "targets": TARGETS, "models": {},
     }
     for name in models:
-        result["models"][name] = bench_model(name, quick, device, backend, compile_step)
+        result["models"][name] = bench_model(name, quick, device, backends, compile_step)
     primary = "vit_b_16" if "vit_b_16" in result["models"] else models[0]
     result["ratios_model"] = primary
     result["ratios"] = dict(result["models"][primary]["ratios"])
@@ -96,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--models", default="tiny,vit_b_16", help="comma-separated subset of tiny,vit_b_16")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
-    p.add_argument("--adaround-backend", default="fp", choices=("fp", "ivit"),
-                   help="nonlinear backend of the AdaRound units (fp: what `wquant=adaround wbits=4` runs; "
-                        "ivit: the integer table rows)")
+    p.add_argument("--adaround-backend", default="both", choices=("both", *ADAROUND_BACKENDS),
+                   help="nonlinear backend(s) of the AdaRound units (fp: what `wquant=adaround wbits=4` runs; "
+                        "ivit: the integer table rows; both: each, ratios of ivit with an _ivit suffix)")
     p.add_argument("--adaround-compile", action=argparse.BooleanOptionalAction, default=True,
                    help="time the compiled AdaRound step, as runs do (adaround.compile); --no-adaround-compile: eager")
     p.add_argument("--threads", type=int, default=None,
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         malloc_tuned = tune_malloc() if args.tune_malloc else False
         try:
-            result = run_bench(models, args.quick, args.device, args.adaround_backend, args.adaround_compile)
+            backends = ADAROUND_BACKENDS if args.adaround_backend == "both" else (args.adaround_backend,)
+            result = run_bench(models, args.quick, args.device, backends, args.adaround_compile)
         finally:
             torch.set_num_threads(threads)
         result["machine"]["malloc_tuned"] = malloc_tuned
