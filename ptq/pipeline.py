@@ -31,7 +31,7 @@ from ptq.quant import audit
 from ptq.quant.vit import QuantViT
 from ptq.runspec import eval_set as eval_subset
 from ptq.runspec import resolve_device, row_of, settings_of
-from ptq.runtime import seed_everything, set_threads, tune_malloc
+from ptq.runtime import seed_everything, set_threads, tune_malloc, use_compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], progres
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
     tune_malloc()
+    use_compile_cache(cfg.cache_dir)
     seconds, cached = metrics["seconds"], metrics["cached"]
     cache = StageCache(cfg.cache_dir or ".", enabled=cfg.cache_dir is not None)
     log.info("run %s on %s -> %s", metrics["name"], device, run_dir)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import random
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,23 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
         return False
     log.debug("glibc malloc thresholds raised: %s", ok)
     return ok
+
+
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def use_compile_cache(cache_dir: str | Path | None) -> str | None:
+    """Keep torch.compile's on-disk caches (inductor's compiled graphs, AOTAutograd's) in ``<cache_dir>/inductor``.
+
+    Each AdaRound unit class is compiled once per process; with the cache a later run or
+    sweep job loads the compiled graphs instead (the embedded default's headline command
+    measured cold and warm: see the README Performance notes). Inductor's own default is
+    ``/tmp``, which is per node on a cluster; next to the stage caches every SLURM job of a
+    sweep shares it. An explicit ``$TORCHINDUCTOR_CACHE_DIR`` wins. Returns the directory used.
+    """
+    if cache_dir is not None and COMPILE_CACHE_ENV not in os.environ:
+        os.environ[COMPILE_CACHE_ENV] = str(Path(cache_dir).resolve() / "inductor")
+    return os.environ.get(COMPILE_CACHE_ENV)
 
 
 def set_threads(threads: int | None, device: torch.device) -> None:

@@ -91,3 +91,13 @@ def test_integer_kernels_trace_without_graph_breaks() -> None:
     p, s = torch.ops.ptq.shiftmax(scores, torch.tensor(0.05), 15, 8)
     p_ref, s_ref = ivit.shiftmax(scores, torch.tensor(0.05), 15, 8)
     assert torch.equal(p, p_ref) and torch.equal(s, s_ref)
+
+
+def test_compile_cache_lives_with_the_stage_caches(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ptq.runtime import COMPILE_CACHE_ENV, use_compile_cache
+
+    monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
+    assert use_compile_cache(None) is None  # no cache_dir: inductor's own default
+    assert use_compile_cache(tmp_path / "cache") == str((tmp_path / "cache").resolve() / "inductor")
+    monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    assert use_compile_cache(tmp_path / "cache") == str(tmp_path / "mine")  # an explicit setting wins
