@@ -63,7 +63,7 @@ def test_throughput_and_memory_numbers_are_positive(quick_run) -> None:
                 for key in ("adaround_iter_s", "float_fwd_bwd_s", "ratio"):
                     assert _positive(u[key]), (name, backend, kind, key)
             worst = max(ada["units"]["block_attn"]["ratio"], ada["units"]["block_mlp"]["ratio"])
-            assert m["ratios"]["adaround_block" + ("" if backend == "fp" else "_ivit")] == worst
+            assert m["ratios"][bench.ratio_key("block", backend)] == worst
         mem = m["cache_memory"]
         for key in ("inputs_bytes", "targets_bytes", "steady_bytes", "capture_peak_bytes"):
             assert _positive(mem["analytic"][key]), (name, key)

@@ -23,8 +23,8 @@ between ``<!-- perf:start -->`` and ``<!-- perf:end -->`` in that file.
 """
 
 from ptq.bench.cli import main, run_bench
-from ptq.bench.plans import MARK_END, MARK_START, RATIO_KEYS, TARGETS
+from ptq.bench.plans import MARK_END, MARK_START, RATIO_KEYS, TARGETS, ratio_key
 from ptq.bench.report import markdown_table, render_readme_section, replace_marked_block, update_readme
 
 __all__ = ["MARK_END", "MARK_START", "RATIO_KEYS", "TARGETS", "main", "markdown_table", "render_readme_section",
-           "replace_marked_block", "run_bench", "update_readme"]
+           "ratio_key", "replace_marked_block", "run_bench", "update_readme"]

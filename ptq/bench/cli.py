@@ -20,7 +20,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from ptq.bench.adaround import bench_adaround
 from ptq.bench.evaluation import bench_eval
 from ptq.bench.memory import cache_report
-from ptq.bench.plans import ADAROUND_BACKENDS, DEFAULT_OUT, PLANS, TARGETS, build_model, images_for
+from ptq.bench.plans import ADAROUND_BACKENDS, DEFAULT_OUT, PLANS, TARGETS, build_model, images_for, ratio_key
 from ptq.bench.report import markdown_table, replace_marked_block, update_readme
 from ptq.bench.timing import machine_info
 from ptq.runspec import resolve_device
@@ -52,15 +52,15 @@ def bench_model(name: str, quick: bool, device: torch.device, backends: Sequence
         if i == 0:
             memory = cache_report(name, model, ada.pop("memory"), device)
         adaround[backend] = ada
-        ratios.update(unit_ratios(ada["units"], "" if backend == "fp" else f"_{backend}"))
+        ratios.update(unit_ratios(ada["units"], backend))
     return {"model": meta | {"name": name, "arch": _arch(model)}, "plan": asdict(plan), "ratios": ratios,
             **res, "adaround": adaround, "cache_memory": memory, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def unit_ratios(units: dict[str, Any], suffix: str) -> dict[str, float]:
+def unit_ratios(units: dict[str, Any], backend: str) -> dict[str, float]:
     """Per unit kind, the worst (largest) ratio of its units: the issue's target is on every unit."""
     kinds = {"layer": ("layer_qkv", "layer_fc1"), "block": ("block_attn", "block_mlp"), "encoder": ("encoder",)}
-    return {f"adaround_{k}{suffix}": max(units[u]["ratio"] for u in us) for k, us in kinds.items()}
+    return {ratio_key(k, backend): max(units[u]["ratio"] for u in us) for k, us in kinds.items()}
 
 
 def _arch(model: VisionTransformer) -> dict[str, int]:

@@ -23,14 +23,21 @@ DEFAULT_OUT = Path("outputs/bench.json")
 MARK_START = "<!-- perf:start -->"
 MARK_END = "<!-- perf:end -->"
 ADAROUND_BACKENDS = ("fp", "ivit")
+
+
+def ratio_key(kind: str, backend: str) -> str:
+    """The ratio/target key of an AdaRound unit kind (layer, block, encoder) on a backend: ivit gets ``_ivit``."""
+    return f"adaround_{kind}" + ("" if backend == "fp" else f"_{backend}")
+
+
 #: Ratio keys: eval, then per AdaRound unit kind the worst unit of the kind, per backend (``_ivit`` suffix).
-RATIO_KEYS = ("eval_fp_ops", "eval_ivit", "adaround_layer", "adaround_block", "adaround_encoder",
-              "adaround_layer_ivit", "adaround_block_ivit", "adaround_encoder_ivit")
+RATIO_KEYS = ("eval_fp_ops", "eval_ivit",
+              *(ratio_key(kind, b) for b in ADAROUND_BACKENDS for kind in ("layer", "block", "encoder")))
 #: What the project aims for (issue 14; reported, never asserted): quantized time / float time.
 TARGETS = {
     "eval_fp_ops": 1.5,
     "eval_ivit": 2.0,
-    **{f"adaround_{kind}{suffix}": 1.2 for kind in ("layer", "block", "encoder") for suffix in ("", "_ivit")},
+    **{ratio_key(kind, b): 1.2 for kind in ("layer", "block", "encoder") for b in ADAROUND_BACKENDS},
     "cache_bytes_vit_b_16_1024": 4 * 10**9,
 }
 CACHE_IMAGES = 1024  # the calibration-set size of the cache-memory estimate

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ptq.bench.plans import CACHE_IMAGES, MARK_END, MARK_START, RATIO_KEYS, TARGETS
+from ptq.bench.plans import CACHE_IMAGES, MARK_END, MARK_START, RATIO_KEYS, TARGETS, ratio_key
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def _ok(value: float, target: float) -> str:
 
 
 def _adaround_row(label: str, backend: str, ada: dict[str, Any], kind: str, u: dict[str, Any]) -> str:
-    t = TARGETS["adaround_" + kind.split("_")[0] + ("" if backend == "fp" else f"_{backend}")]
+    t = TARGETS[ratio_key(kind.split("_")[0], backend)]
     return (f"| {label} | AdaRound {kind} `{u['unit']}`, {ada['settings']}, batch {ada['batch']} (ms/iter vs fwd+bwd) | "
             f"{1e3 * u['adaround_iter_s']:.2f} | {1e3 * u['float_fwd_bwd_s']:.2f} | {u['ratio']:.2f}x | "
             f"<= {t:g}x | {_ok(u['ratio'], t)} |")

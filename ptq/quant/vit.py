@@ -195,7 +195,20 @@ class QPatchEmbed(nn.Module):
         return self.res_q.add(acc, QTensor.from_float(self.const))
 
 
-class QAttention(nn.Module):
+class _PreNorm(nn.Module):
+    """A sub-block that starts with a LayerNorm (``ln``) and its output quantizer (``ln_q``)."""
+
+    backend: Backend
+    ln: nn.LayerNorm
+    ln_q: ActQuantizer
+
+    def norm(self, x: QTensor) -> QTensor:
+        """The LayerNorm of the sub-block input, before its quantizer: what ``forward``'s ``normed``
+        stands in for (AdaRound's precomputed LN, ``ptq.recon.unitcache.precompute_norm``)."""
+        return self.backend.norm(x, self.ln, self.ln_q.name + ".int")
+
+
+class QAttention(_PreNorm):
     """LN1 -> qkv -> softmax(q k^T / sqrt(d)) v -> out proj, plus the residual add (IdAdd)."""
 
     def __init__(self, block: nn.Module, st: QuantSettings) -> None:
@@ -216,12 +229,8 @@ class QAttention(nn.Module):
         self.proj = QLinear(mha.out_proj.weight, mha.out_proj.bias, st.wbits)
         self.res_q = st.residual()
 
-    def norm(self, x: QTensor) -> QTensor:
-        """LN1 of the block input, before its quantizer (what ``forward``'s ``normed`` stands in for)."""
-        return self.backend.norm(x, self.ln, self.ln_q.name + ".int")
-
     def forward(self, x: QTensor, normed: QTensor | None = None) -> QTensor:
-        """``normed``: ``self.norm(x)`` when the caller has it already (AdaRound's precomputed LN)."""
+        """``normed``: ``self.norm(x)`` when the caller has it already."""
         h = self.ln_q(self.norm(x) if normed is None else normed)
         acc = self.qkv(h)
         b, t, e3 = acc.v.shape
@@ -240,7 +249,7 @@ class QAttention(nn.Module):
         return self.res_q.add(x, self.proj(ctx))
 
 
-class QMLP(nn.Module):
+class QMLP(_PreNorm):
     """LN2 -> fc1 -> GELU -> fc2, plus the residual add (IdAdd)."""
 
     def __init__(self, block: nn.Module, st: QuantSettings) -> None:
@@ -255,10 +264,6 @@ class QMLP(nn.Module):
         self.gelu_q = st.act()
         self.fc2 = QLinear(fc2.weight, fc2.bias, st.wbits)
         self.res_q = st.residual()
-
-    def norm(self, x: QTensor) -> QTensor:
-        """LN2 of the sub-block input, before its quantizer (see :meth:`QAttention.norm`)."""
-        return self.backend.norm(x, self.ln, self.ln_q.name + ".int")
 
     def forward(self, x: QTensor, normed: QTensor | None = None) -> QTensor:
         h = self.ln_q(self.norm(x) if normed is None else normed)
