@@ -338,6 +338,86 @@ def test_requantize_input_types_and_clamp_int() -> None:
         requant.requantize(q, 1.0, 1.0, 33)
 
 
+# ----------------------------------------------------------------------------- requantize_float
+
+
+def _f32_cases(gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, object, object]:
+    """A float32 integer accumulator [rows, c] with scalar or per-channel scales."""
+    c = rng.choice((1, 5, 37))
+    mag = rng.choice((2**7, 2**15, 2**22, 2**24))
+    q = torch.randint(-mag, mag + 1, (rng.choice((1, 9, 64)), c), generator=gen).float()
+    s_in: object = log_uniform(rng, 1e-6, 10.0)
+    if rng.random() < 0.5:
+        s_in = torch.exp(torch.empty(c).uniform_(math.log(1e-6), math.log(10.0), generator=gen)).float()
+    return q, s_in, log_uniform(rng, 1e-4, 10.0)
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_requantize_float_equals_requantize(clamp: bool) -> None:
+    """Random scalar and per-channel cases: the float32 path gives requantize's integers exactly."""
+    gen, rng = torch.Generator().manual_seed(21 + clamp), random.Random(21 + clamp)
+    for _ in range(80):
+        q, s_in, s_out = _f32_cases(gen, rng)
+        bits, signed = rng.choice(((4, True), (8, True), (8, False), (16, True)))
+        want = requant.requantize(q, s_in, s_out, bits, signed, clamp=clamp)
+        got = requant.requantize_float(q, s_in, s_out, bits, signed, clamp=clamp)
+        if got is None:  # only unclamped results at or beyond 2**22 may decline
+            assert not clamp and int(want.abs().max()) >= 2**22
+            continue
+        assert got.dtype == torch.float32 and got.shape == q.shape
+        assert torch.equal(got.long(), want)
+    # a leading batch shape is kept
+    q = torch.randint(-500, 500, (2, 3, 7), generator=gen).float()
+    assert torch.equal(requant.requantize_float(q, 0.01, 0.3, 8).long(), requant.requantize(q, 0.01, 0.3, 8))
+
+
+def test_requantize_float_ties_and_near_ties() -> None:
+    """Exact ties (half to even) and values one accumulator step from a tie are recomputed exactly."""
+    for j in [1, 2, 4, 10]:
+        k = torch.arange(-41, 42, 2)
+        q = torch.cat([k * 2 ** (j - 1), k * 2 ** (j - 1) + 1, k * 2 ** (j - 1) - 1]).float()
+        for s_out in (1.0, 3.0):  # 3 * 2**-j / s_out: ties at s_out = 1, none at 3
+            want = requant.requantize(q, 3 * 2.0**-j, s_out, 16)
+            assert torch.equal(requant.requantize_float(q, 3 * 2.0**-j, s_out, 16).long(), want)
+    ref = requant.requantize_float(torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5]) * 2, 0.5, 1.0, 8)
+    assert ref.tolist() == [0.0, 2.0, 2.0, -0.0, -2.0]
+
+
+def test_requantize_float_declines_and_falls_back() -> None:
+    """Unclamped results >= 2**22 give None; non-float32 inputs, wide outputs and odd scales still match."""
+    q = torch.tensor([[2.0**23, 1.0]])
+    assert requant.requantize_float(q, 1.0, 1.0, 32, clamp=False) is None
+    assert requant.requantize_float(q, 1.0, 1.0, 32).tolist() == [[2.0**23, 1.0]]  # clamped: exact fallback
+    assert requant.requantize_float(q, 1.0, 2.0**10, 16, clamp=False).tolist() == [[2.0**13, 0.0]]
+    gen = torch.Generator().manual_seed(23)
+    qi = torch.randint(-(2**20), 2**20, (6, 4), generator=gen)
+    for qq in (qi, qi.double(), qi.int()):  # not float32: the int64 path, the same integers
+        got = requant.requantize_float(qq, 1e-3, 0.05, 8)
+        assert got.dtype == torch.float32 and torch.equal(got.long(), requant.requantize(qi, 1e-3, 0.05, 8))
+    for s_in in (1e-30, 3e36):  # ratios outside the normal float32 range take apply_dyadic
+        got = requant.requantize_float(qi.float(), s_in, 1.0, 8)
+        assert torch.equal(got.long(), requant.requantize(qi, s_in, 1.0, 8))
+    assert requant.requantize_float(torch.empty(0, 3), 1.0, 1.0, 8).shape == (0, 3)
+
+
+def test_certified_round_compiled_equals_eager_and_margins_sound() -> None:
+    """The fused kernel equals the eager arithmetic; every row it certifies holds the exact integers."""
+    gen = torch.Generator().manual_seed(24)
+    q = torch.randint(-(2**21), 2**21, (200, 16), generator=gen).float()
+    s_in = torch.exp(torch.empty(16).uniform_(-14, -2, generator=gen)).float()
+    key = requant._pair_key(s_in, 0.07)
+    m, e = requant._multiplier(key, s_in, 0.07)
+    r = requant._ratio_f32(key, m, e, 16, q.device)
+    lo, hi = torch.tensor(-128.0), torch.tensor(127.0)
+    out_c, margin_c = requant._run_kernel(q, r, lo, hi)
+    out_e, margin_e = requant._certified_round(q, r, lo, hi)
+    assert torch.equal(out_c, out_e) and torch.equal(margin_c, margin_e)
+    exact = requant.requantize(q, s_in, 0.07, 8).float()
+    ok = margin_e > 0
+    assert ok.float().mean() > 0.5  # most rows certified: the fast path carries the work
+    assert torch.equal(out_e[ok], exact[ok])
+
+
 # ----------------------------------------------------------------------------- int_exp / shiftmax
 
 
