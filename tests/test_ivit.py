@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptq.quant import ivit, requant
+from ptq.quant import fused, ivit, requant
 
 CAP = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -360,7 +360,7 @@ def test_requantize_float_equals_requantize(clamp: bool) -> None:
         q, s_in, s_out = _f32_cases(gen, rng)
         bits, signed = rng.choice(((4, True), (8, True), (8, False), (16, True)))
         want = requant.requantize(q, s_in, s_out, bits, signed, clamp=clamp)
-        got = requant.requantize_float(q, s_in, s_out, bits, signed, clamp=clamp)
+        got = fused.requantize_float(q, s_in, s_out, bits, signed, clamp=clamp)
         if got is None:  # only unclamped results at or beyond 2**22 may decline
             assert not clamp and int(want.abs().max()) >= 2**22
             continue
@@ -368,7 +368,7 @@ def test_requantize_float_equals_requantize(clamp: bool) -> None:
         assert torch.equal(got.long(), want)
     # a leading batch shape is kept
     q = torch.randint(-500, 500, (2, 3, 7), generator=gen).float()
-    assert torch.equal(requant.requantize_float(q, 0.01, 0.3, 8).long(), requant.requantize(q, 0.01, 0.3, 8))
+    assert torch.equal(fused.requantize_float(q, 0.01, 0.3, 8).long(), requant.requantize(q, 0.01, 0.3, 8))
 
 
 def test_requantize_float_ties_and_near_ties() -> None:
@@ -378,45 +378,85 @@ def test_requantize_float_ties_and_near_ties() -> None:
         q = torch.cat([k * 2 ** (j - 1), k * 2 ** (j - 1) + 1, k * 2 ** (j - 1) - 1]).float()
         for s_out in (1.0, 3.0):  # 3 * 2**-j / s_out: ties at s_out = 1, none at 3
             want = requant.requantize(q, 3 * 2.0**-j, s_out, 16)
-            assert torch.equal(requant.requantize_float(q, 3 * 2.0**-j, s_out, 16).long(), want)
-    ref = requant.requantize_float(torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5]) * 2, 0.5, 1.0, 8)
+            assert torch.equal(fused.requantize_float(q, 3 * 2.0**-j, s_out, 16).long(), want)
+    ref = fused.requantize_float(torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5]) * 2, 0.5, 1.0, 8)
     assert ref.tolist() == [0.0, 2.0, 2.0, -0.0, -2.0]
 
 
 def test_requantize_float_declines_and_falls_back() -> None:
     """Unclamped results >= 2**22 give None; non-float32 inputs, wide outputs and odd scales still match."""
     q = torch.tensor([[2.0**23, 1.0]])
-    assert requant.requantize_float(q, 1.0, 1.0, 32, clamp=False) is None
-    assert requant.requantize_float(q, 1.0, 1.0, 32).tolist() == [[2.0**23, 1.0]]  # clamped: exact fallback
-    assert requant.requantize_float(q, 1.0, 2.0**10, 16, clamp=False).tolist() == [[2.0**13, 0.0]]
+    assert fused.requantize_float(q, 1.0, 1.0, 32, clamp=False) is None
+    assert fused.requantize_float(q, 1.0, 1.0, 32).tolist() == [[2.0**23, 1.0]]  # clamped: exact fallback
+    assert fused.requantize_float(q, 1.0, 2.0**10, 16, clamp=False).tolist() == [[2.0**13, 0.0]]
     gen = torch.Generator().manual_seed(23)
     qi = torch.randint(-(2**20), 2**20, (6, 4), generator=gen)
     for qq in (qi, qi.double(), qi.int()):  # not float32: the int64 path, the same integers
-        got = requant.requantize_float(qq, 1e-3, 0.05, 8)
+        got = fused.requantize_float(qq, 1e-3, 0.05, 8)
         assert got.dtype == torch.float32 and torch.equal(got.long(), requant.requantize(qi, 1e-3, 0.05, 8))
     for s_in in (1e-30, 3e36):  # ratios outside the normal float32 range take apply_dyadic
-        got = requant.requantize_float(qi.float(), s_in, 1.0, 8)
+        got = fused.requantize_float(qi.float(), s_in, 1.0, 8)
         assert torch.equal(got.long(), requant.requantize(qi, s_in, 1.0, 8))
-    assert requant.requantize_float(torch.empty(0, 3), 1.0, 1.0, 8).shape == (0, 3)
+    assert fused.requantize_float(torch.empty(0, 3), 1.0, 1.0, 8).shape == (0, 3)
 
 
-def test_certified_round_compiled_equals_eager_and_margins_sound() -> None:
-    """The fused kernel equals the eager arithmetic; every row it certifies holds the exact integers."""
+def test_certified_kernels_compiled_equal_eager_and_margins_sound() -> None:
+    """The compiled kernels equal their eager arithmetic; every row they certify holds the exact integers."""
     gen = torch.Generator().manual_seed(24)
     q = torch.randint(-(2**21), 2**21, (200, 16), generator=gen).float()
+    qb = torch.randint(-(2**15), 2**15, (200, 16), generator=gen).float()
     s_in = torch.exp(torch.empty(16).uniform_(-14, -2, generator=gen)).float()
-    key = requant._pair_key(s_in, 0.07)
-    m, e = requant._multiplier(key, s_in, 0.07)
-    r = requant._ratio_f32(key, m, e, 16, q.device)
+    r, _, _ = fused.ratio_f32(q, s_in, 0.07, 8)
+    rb, _, _ = fused.ratio_f32(qb, 0.003, 0.07, 8)
     lo, hi = torch.tensor(-128.0), torch.tensor(127.0)
-    out_c, margin_c = requant._run_kernel(q, r, lo, hi)
-    out_e, margin_e = requant._certified_round(q, r, lo, hi)
+    out_c, margin_c = fused._round_kernel(q, r, lo, hi)
+    out_e, margin_e = fused.certified_round(q, r, lo, hi)
     assert torch.equal(out_c, out_e) and torch.equal(margin_c, margin_e)
     exact = requant.requantize(q, s_in, 0.07, 8).float()
     ok = margin_e > 0
     assert ok.float().mean() > 0.5  # most rows certified: the fast path carries the work
     assert torch.equal(out_e[ok], exact[ok])
+    big = (torch.tensor(-(2.0**15)), torch.tensor(2.0**15 - 1))
+    add_c, m_c = fused._add_kernel(q, r, qb, rb, *big)
+    add_e, m_e = fused.certified_add(q, r, qb, rb, *big)
+    assert torch.equal(add_c, add_e) and torch.equal(m_c, m_e)
 
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_requantize_add_equals_int64_definition(seed: int) -> None:
+    """IdAdd through the fused kernel: clamp(requantize(a) + requantize(b)) exactly, ties included."""
+    gen, rng = torch.Generator().manual_seed(30 + seed), random.Random(30 + seed)
+    for _ in range(20):
+        c = rng.choice((3, 64))
+        qa = torch.randint(-(2**15), 2**15, (rng.choice((1, 50)), c), generator=gen).float()
+        qb = torch.randint(-(2**20), 2**20, qa.shape, generator=gen).float()
+        sa = log_uniform(rng, 1e-3, 1.0)
+        sb = torch.exp(torch.empty(c).uniform_(math.log(1e-7), math.log(1e-3), generator=gen)).float()
+        s_out = log_uniform(rng, 1e-3, 1.0)
+        if rng.random() < 0.3:  # ratio 1/2 for a: every odd qa is an exact tie
+            s_out = 2 * sa
+        bits = rng.choice((8, 16))
+        want = requant.clamp_int(requant.requantize(qa, sa, s_out, bits, clamp=False)
+                                 + requant.requantize(qb, sb, s_out, bits, clamp=False), bits)
+        got = fused.requantize_add(qa, sa, qb, sb, s_out, bits)
+        assert got is not None and got.dtype == torch.float32
+        assert torch.equal(got.long(), want)
+    assert fused.requantize_add(torch.zeros(2, 3), 0.1, torch.zeros(1, 3), 0.1, 0.1, 8) is None  # shapes differ
+    assert fused.requantize_add(qa.double(), sa, qb, sb, s_out, 8) is None  # not float32: caller keeps int64
+
+
+def test_quantize_equals_eager_formula() -> None:
+    """fused.quantize gives clamp(round(v * s_in / s)) bit for bit: scalar and per-channel s_in, near-ties."""
+    gen = torch.Generator().manual_seed(31)
+    for i in range(12):
+        c = 5 + i
+        v = torch.randn(3, 40, c, generator=gen) * 10.0 ** (i % 5 - 2)
+        s_in = torch.ones(()) if i % 2 else torch.rand(c, generator=gen) + 0.1
+        s = torch.tensor(float(v.abs().max()) / 127 * (0.5 + i / 12))
+        v[0, 0] = (torch.arange(c) - c // 2 + 0.5) * s / s_in  # values at or one ulp from a tie
+        want = torch.clamp(torch.round((v * s_in) / s), -128, 127)
+        assert torch.equal(fused.quantize(v, s_in, s, -128, 127), want)
+    assert fused.quantize(torch.empty(0, 4), torch.ones(()), torch.tensor(0.1), 0, 255).shape == (0, 4)
 
 # ----------------------------------------------------------------------------- int_exp / shiftmax
 

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ptq.quant import audit, requant
+from ptq.quant import audit, fused, requant
 from ptq.quant.qtensor import QTensor, fake_quant, grad_scale, qmax, qrange
 
 SCALE_EPS = 1e-8
@@ -188,11 +188,14 @@ class ActQuantizer(nn.Module):
                 self.count(real)
             return QTensor.from_float(real)
         s = self._step(x.v)
-        if x.integer and not torch.is_grad_enabled():
-            q = requant.requantize_float(x.v, x.s, self.scale.detach(), self.bits, self.signed)
+        if not torch.is_grad_enabled():  # evaluation: fused float32 kernels, the same integers (ptq.quant.fused)
+            if x.integer:
+                q = fused.requantize_float(x.v, x.s, self.scale.detach(), self.bits, self.signed)
+            else:
+                q = fused.quantize(x.v, x.s, s.detach(), *qrange(self.bits, self.signed))
         else:
-            # training (or a float input): fake quantization of the real value. For an integer input it
-            # equals the dyadic requantizer except where x*s_in/s_out lies within 2**-31 of a rounding tie.
+            # training: fake quantization of the real value. For an integer input it equals the
+            # dyadic requantizer except where x*s_in/s_out lies within 2**-31 of a rounding tie.
             q = fake_quant(x.real(), s, *qrange(self.bits, self.signed))
         return self._emit(q, s)
 
@@ -208,24 +211,16 @@ class ActQuantizer(nn.Module):
             s = self._step(a.v)
             return self._emit(fake_quant(a.real() + b.real(), s, *qrange(self.bits, self.signed)), s)
         sd = self.scale
-        lo, hi = qrange(self.bits, self.signed)
-        fa = requant.requantize_float(a.v, a.s, sd, self.bits, self.signed, clamp=False)
-        fb = self._operand_float(b)
-        if fa is not None and fb is not None:  # float32 integers below 2**22: the sum is exact too
-            return self._emit(torch.add(fa, fb).clamp_(lo, hi), sd)
+        if b.integer:
+            fast = fused.requantize_add(a.v, a.s, b.v, b.s, sd, self.bits, self.signed)
+            if fast is not None:
+                return self._emit(fast, sd)
         qa = requant.requantize(a.v, a.s, sd, self.bits, self.signed, clamp=False)
         if b.integer:
             qb = requant.requantize(b.v, b.s, sd, self.bits, self.signed, clamp=False)
         else:
             qb = torch.round(b.real().double() / sd.double()).to(torch.int64)
         return self._emit(requant.clamp_int(qa + qb, self.bits, self.signed).to(torch.float32), sd)
-
-    def _operand_float(self, b: QTensor) -> Tensor | None:
-        """The second residual operand at this scale as float32 integers (None: keep int64, see add)."""
-        if b.integer:
-            return requant.requantize_float(b.v, b.s, self.scale, self.bits, self.signed, clamp=False)
-        qb = torch.round(b.real().double() / self.scale.double())
-        return qb.float() if qb.numel() == 0 or float(qb.abs().max()) < 2**22 else None
 
     def extra_repr(self) -> str:
         kind = "int" if self.signed else "uint"

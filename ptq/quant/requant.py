@@ -8,27 +8,21 @@ integer program's ``requantize`` op go through :func:`apply_dyadic`, so there is
 definition of the rounding. :func:`multiplier` is the memoised ``(m, e)`` of a scale pair,
 shared by the simulation and the exporter.
 
-:func:`requantize_float` is the evaluation hot path: the same integers as float32, from one fused
-float32 pass that certifies each row exact, the rows it cannot certify recomputed by
-:func:`apply_dyadic`.
+Evaluation's hot path, the same integers from fused float32 kernels, is ``ptq.quant.fused``;
+it uses :func:`pair_key` / :func:`multiplier_of` to share this module's memo.
 
 Valid inputs: exact for ``|q| <= 2**59`` (``clamp=False`` with a ratio >= 1: ``|q| <= 2**32``).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from ptq.quant.qtensor import qrange
 
-__all__ = ["apply_dyadic", "as_int64", "clamp_int", "dyadic", "multiplier", "requantize", "requantize_float",
-           "scale_f64"]
-
-log = logging.getLogger(__name__)
+__all__ = ["apply_dyadic", "as_int64", "clamp_int", "dyadic", "multiplier", "multiplier_of", "pair_key", "pow2_f64",
+           "requantize", "scale_f64"]
 
 _INT64_MAX = 2**63 - 1
 _MASK31 = 2**31 - 1
@@ -84,7 +78,7 @@ def dyadic(ratio: ScaleLike) -> tuple[Tensor, Tensor]:
     return m, e
 
 
-def _pow2_f64(k: Tensor) -> Tensor:
+def pow2_f64(k: Tensor) -> Tensor:
     """Exact float64 ``2**k`` for int64 ``k`` in [-1022, 1023] (built from the exponent bits)."""
     return ((k + 1023) << 52).view(torch.float64)
 
@@ -180,7 +174,7 @@ def apply_dyadic(
 
     if path == "float":
         shape = torch.broadcast_shapes(q.shape, m.shape)
-        scale = m.to(torch.float64) * _pow2_f64(-e.clamp(max=1022))  # exact: |m| < 2**31
+        scale = m.to(torch.float64) * pow2_f64(-e.clamp(max=1022))  # exact: |m| < 2**31
         # 1-d operands so that type promotion computes in float64 whatever q's dtype
         magic = torch.full((1,), _MAGIC, dtype=torch.float64, device=q.device)
         y = torch.addcmul(magic, q, scale.reshape(-1) if scale.dim() == 0 else scale)
@@ -258,14 +252,16 @@ def multiplier(s_in: ScaleLike, s_out: ScaleLike) -> tuple[Tensor, Tensor]:
     A calibrated model requantizes with the same scale pairs on every forward pass;
     the multiplier is a pure function of those float32 values, so this is exact.
     """
-    return _multiplier(_pair_key(s_in, s_out), s_in, s_out)
+    return multiplier_of(pair_key(s_in, s_out), s_in, s_out)
 
 
-def _pair_key(s_in: ScaleLike, s_out: ScaleLike) -> tuple:
+def pair_key(s_in: ScaleLike, s_out: ScaleLike) -> tuple:
+    """The memo key of a scale pair: their float32 values (shape and bytes)."""
     return (_memo_key(s_in), _memo_key(s_out))
 
 
-def _multiplier(key: tuple, s_in: ScaleLike, s_out: ScaleLike) -> tuple[Tensor, Tensor]:
+def multiplier_of(key: tuple, s_in: ScaleLike, s_out: ScaleLike) -> tuple[Tensor, Tensor]:
+    """:func:`multiplier` for a caller that has the pair's :func:`pair_key` already."""
     hit = _DYADIC_MEMO.get(key)
     if hit is None:
         if len(_DYADIC_MEMO) >= _DYADIC_MEMO_MAX:
@@ -274,125 +270,3 @@ def _multiplier(key: tuple, s_in: ScaleLike, s_out: ScaleLike) -> tuple[Tensor, 
         _DYADIC_MEMO[key] = hit
     return hit
 
-
-# ----------------------------------------------------------------------------- float32 hot path
-#
-# Evaluation requantizes float32 integer accumulators at every quantization point. The int64 /
-# float64 paths above cost about six passes over the tensor in 8-byte types; float64 does not
-# vectorise well in inductor's CPU kernels either. The kernel below works in float32 only and
-# proves its own result: with r = fl32(m / 2**e) (relative error <= 2**-24) and y = fl32(q * r)
-# (another 2**-24), |y - q*m/2**e| <= |y| * 2**-22 (1 + 2**-22). Where y is farther than
-# TOL(y) = |y| * 2**-21 + 2**-20 from every half-integer, no value in that interval rounds
-# differently, so round_half_even(y) is the exact result (the absolute 2**-20 also covers the
-# float32 rounding of the margin itself). Exact ties always fall inside the band and are
-# recomputed. A fraction of about 2 * TOL of the elements is uncertified (about 1 in 8000 for
-# INT8 outputs); their rows are recomputed by apply_dyadic, so the result is exact everywhere.
-
-_F32_LIMIT = 2**22  # certified outputs and clamp bounds stay below this: exact in float32, and so is a sum of two
-_F32_MEMO: dict[tuple, Tensor | None] = {}
-
-
-def _certified_round(q: Tensor, r: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """``clamp(round_half_even(q * r), lo, hi)`` of a [rows, C] float32 tensor, and each row's smallest margin.
-
-    A row whose margin is > 0 holds the exact requantized integers (see the proof above).
-    Values beyond ``_F32_LIMIT`` are not certified, except saturated ones: beyond a clamp
-    bound by more than 1, every value within the error interval clamps to that bound.
-    """
-    y = q * r
-    t = torch.round(y)
-    margin = 0.5 - (y - t).abs() - (y.abs() * 2.0**-21 + 2.0**-20)
-    margin = torch.where(y.abs() >= _F32_LIMIT, -1.0, margin)
-    margin = torch.where((y > hi + 1) | (y < lo - 1), 1.0, margin)
-    return torch.clamp(t, lo, hi), margin.amin(-1)
-
-
-_kernel: Callable[..., tuple[Tensor, Tensor]] | None = None
-
-
-def _fused_kernel() -> Callable[..., tuple[Tensor, Tensor]]:
-    """:func:`_certified_round` compiled once for all shapes (one fused pass); eager if compilation fails."""
-    global _kernel
-    if _kernel is None:
-        _kernel = torch.compile(_certified_round, dynamic=True, fullgraph=True)
-    return _kernel
-
-
-def _run_kernel(q2: Tensor, r: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    global _kernel
-    try:
-        return _fused_kernel()(q2, r, lo, hi)
-    except Exception as exc:  # no C++ compiler / unsupported backend: the same arithmetic, eagerly
-        if _kernel is _certified_round:
-            raise
-        log.warning("torch.compile failed for the float32 requantizer (%s); it runs eagerly", type(exc).__name__)
-        _kernel = _certified_round
-        return _kernel(q2, r, lo, hi)
-
-
-def _ratio_f32(key: tuple, m: Tensor, e: Tensor, channels: int, device: torch.device) -> Tensor | None:
-    """float32 ``m / 2**e`` as a [channels] vector, or None where it is not a normal float32.
-
-    Memoised on the scale pair's memo key (see :func:`multiplier`), the width and the device.
-    """
-    key = (key, channels, str(device))
-    if key in _F32_MEMO:
-        return _F32_MEMO[key]
-    if m.dim() > 1 or (m.dim() == 1 and m.numel() not in (1, channels)) or e.shape != m.shape:
-        r = None
-    else:
-        exact = m.double() * _pow2_f64(-e.clamp(-1022, 1022))
-        mag = exact.abs()
-        ok = bool(((mag > 2.0**-120) & (mag < 2.0**120)).all())
-        r = exact.float().reshape(-1).expand(channels).contiguous().to(device) if ok else None
-    if len(_F32_MEMO) >= _DYADIC_MEMO_MAX:
-        _F32_MEMO.clear()
-    _F32_MEMO[key] = r
-    return r
-
-
-def requantize_float(
-    q: Tensor,
-    s_in: ScaleLike,
-    s_out: ScaleLike,
-    bits: int,
-    signed: bool = True,
-    clamp: bool = True,
-) -> Tensor | None:
-    """:func:`requantize` with float32 integers out: the same integers, one fused float32 pass.
-
-    For a float32 ``q`` with scales over its last dim, :func:`_certified_round` computes every
-    row and certifies it; uncertified rows (ties, values near a tie, values beyond 2**22) are
-    recomputed exactly by :func:`apply_dyadic`. Other inputs take :func:`requantize`. Returns
-    None only when ``clamp=False`` and a result reaches 2**22, where float32 integers would
-    stop being exact under a residual add: the caller then keeps int64.
-    """
-    lo, hi = qrange(bits, signed)
-    key = _pair_key(s_in, s_out)
-    m, e = _multiplier(key, s_in, s_out)
-    r = None
-    if q.dtype == torch.float32 and q.numel() > 0 and q.dim() >= 1 and max(-lo, hi) <= _F32_LIMIT:
-        r = _ratio_f32(key, m, e, q.shape[-1], q.device)
-    if r is None:
-        out = apply_dyadic(q, m, e, lo, hi, clamp)
-        return _as_float32(out, clamp)
-    inf = float("inf")
-    lo_t = torch.tensor(float(lo) if clamp else -inf, device=q.device)
-    hi_t = torch.tensor(float(hi) if clamp else inf, device=q.device)
-    q2 = q.reshape(-1, q.shape[-1])
-    out, margin = _run_kernel(q2, r, lo_t, hi_t)
-    bad = ~(margin > 0)
-    if bool(bad.any()):
-        rows = bad.nonzero().squeeze(1)
-        exact = _as_float32(apply_dyadic(q2.index_select(0, rows), m, e, lo, hi, clamp), clamp)
-        if exact is None:
-            return None
-        out.index_copy_(0, rows, exact)
-    return out.view(q.shape)
-
-
-def _as_float32(q: Tensor, clamp: bool) -> Tensor | None:
-    """int64 results as float32; None when unclamped values reach 2**22 (see requantize_float)."""
-    if not clamp and q.numel() and int(q.abs().max()) >= _F32_LIMIT:
-        return None
-    return q.to(torch.float32)
