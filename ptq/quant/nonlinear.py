@@ -112,8 +112,10 @@ class Backend:
                 g, s = _shift_gelu(x.v.detach(), x.s.detach(), self.gelu_n, self.gelu_sig_bits)
             audit.record(name, g, 32)
             s = s.to(torch.float32)
-            # no grad: g stays int64 (q * g needs abits + sig_bits - 2 bits, past float32's 2**24 at A16)
-            v = ste_attach(g, F.gelu(x.real()) / s) if _needs_grad(x) else g
+            if _needs_grad(x):
+                v = ste_attach(g, F.gelu(x.real()) / s)
+            else:  # |q * g| <= 2**(in_bits + sig_bits - 2): float32 holds it exactly at A8, not at A16 (int64)
+                v = g.to(torch.float32) if x.bits + self.gelu_sig_bits - 2 <= 24 else g
             return out_q(QTensor(v, s, 32))
         return out_q(QTensor.from_float(F.gelu(x.real())))
 
