@@ -416,6 +416,11 @@ def test_certified_kernels_compiled_equal_eager_and_margins_sound() -> None:
     ok = margin_e > 0
     assert ok.float().mean() > 0.5  # most rows certified: the fast path carries the work
     assert torch.equal(out_e[ok], exact[ok])
+    nar_c, nm_c = fused._narrow_kernel(q, r, lo, hi)
+    nar_e, nm_e = fused.certified_round_narrow(q, r, lo, hi)
+    assert torch.equal(nar_c, nar_e) and torch.equal(nm_c, nm_e)
+    ok = nm_e > 0
+    assert ok.float().mean() > 0.5 and torch.equal(nar_e[ok], exact[ok])
     big = (torch.tensor(-(2.0**15)), torch.tensor(2.0**15 - 1))
     add_c, m_c = fused._add_kernel(q, r, qb, rb, *big)
     add_e, m_e = fused.certified_add(q, r, qb, rb, *big)
