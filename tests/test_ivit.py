@@ -427,6 +427,29 @@ def test_certified_kernels_compiled_equal_eager_and_margins_sound() -> None:
     assert torch.equal(add_c, add_e) and torch.equal(m_c, m_e)
 
 
+def test_requantize_float_int64_inputs_wide_kernel() -> None:
+    """int64 accumulators up to 2**34 (I-LayerNorm's outputs) through the three-part kernel: exact."""
+    gen, rng = torch.Generator().manual_seed(25), random.Random(25)
+    for _ in range(40):
+        c = rng.choice((1, 8, 64))
+        mag = rng.choice((2**12, 2**24, 2**31, 2**34))
+        q = torch.randint(-mag, mag + 1, (rng.choice((1, 40)), c), generator=gen)
+        s_in = torch.exp(torch.empty(c).uniform_(math.log(1e-10), math.log(1e-6), generator=gen)).float()
+        s_out = log_uniform(rng, 1e-3, 0.1)
+        bits = rng.choice((8, 16))
+        got = fused.requantize_float(q, s_in, s_out, bits)
+        assert got is not None and got.dtype == torch.float32
+        assert torch.equal(got.long(), requant.requantize(q, s_in, s_out, bits))
+    q = torch.tensor([[2**40, -(2**36), 5, 2**35 - 1]])  # beyond 2**35: recomputed exactly
+    assert torch.equal(fused.requantize_float(q, 1e-9, 1e-3, 16).long(), requant.requantize(q, 1e-9, 1e-3, 16))
+    r, _, _ = fused.ratio_f32(q, 1e-9, 1e-3, 16)
+    lo, hi = torch.tensor(-32768.0), torch.tensor(32767.0)
+    out_c, m_c = fused._wide_kernel(q, r, lo, hi)
+    out_e, m_e = fused.certified_round_wide(q, r, lo, hi)
+    assert torch.equal(out_c, out_e) and torch.equal(m_c, m_e)
+    assert fused.ratio_f32(q, 1.0, 1.0, 8)[0] is None  # ratio above WIDE_RATIO: apply_dyadic
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_requantize_add_equals_int64_definition(seed: int) -> None:
     """IdAdd through the fused kernel: clamp(requantize(a) + requantize(b)) exactly, ties included."""
@@ -448,6 +471,7 @@ def test_requantize_add_equals_int64_definition(seed: int) -> None:
         assert torch.equal(got.long(), want)
     assert fused.requantize_add(torch.zeros(2, 3), 0.1, torch.zeros(1, 3), 0.1, 0.1, 8) is None  # shapes differ
     assert fused.requantize_add(qa.double(), sa, qb, sb, s_out, 8) is None  # not float32: caller keeps int64
+    assert fused.requantize_add(qa.long(), sa, qb, sb, s_out, 8) is None
 
 
 def test_quantize_equals_eager_formula() -> None:

@@ -25,7 +25,9 @@ everywhere, as float32; at INT16 (the residual stream) as much as at INT8. No st
 on the rounding of a product (all are exact), so FMA contraction cannot change a result.
 Narrow clamped outputs (INT8, UINT8) take a cheaper kernel instead, certified by one product's
 error bound (:func:`certified_round_narrow`): more values fall in its band, but a third of the
-arithmetic, and a row that falls back costs the same either way.
+arithmetic, and a row that falls back costs the same either way. int64 inputs with
+``|q| < 2**35`` (I-LayerNorm's outputs, up to 2**31) are split into three 12-bit parts
+(:func:`certified_round_wide`).
 
 Each kernel is compiled once for all shapes (``torch.compile``, dynamic); where compilation
 fails (no C++ compiler, an unsupported device) it runs eagerly, the same arithmetic.
@@ -132,6 +134,33 @@ def certified_round_narrow(q: Tensor, r: Tensor, lo: Tensor, hi: Tensor) -> tupl
     return torch.clamp(t, lo, hi), margin.amin(-1)
 
 
+def certified_round_wide(q: Tensor, r: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`certified_round` of an int64 ``q`` with ``|q| < 2**35`` (I-LayerNorm's 31-bit outputs).
+
+    ``q`` is split exactly into three parts of at most 12 significant bits (``q0 + q1 2**12 +
+    q2 2**24``); the nine products with ``r1``, ``r2``, ``r_lo`` (at most 8 bits) are exact, and
+    their fractions, at most 4.5 in sum, are summed within 2**-19. Needs ``R <= 2**-2`` so that
+    every partial integer sum of a certified value stays below 2**24 (see :func:`ratio_f32`).
+    """
+    q0 = q - (((q + 2048) >> 12) << 12)
+    q12 = (q - q0) >> 12
+    q1 = q12 - (((q12 + 2048) >> 12) << 12)
+    parts = (q0.float(), q1.float() * 2.0**12, ((q12 - q1) >> 12).float() * 2.0**24)
+    y = q.float() * r[0]
+    n = torch.zeros_like(y)
+    f = torch.zeros_like(y)
+    for part in parts:
+        for j in (1, 2, 3):
+            nj, fj = _split_round(part * r[j])
+            n = n + nj
+            f = f + fj
+    rf = torch.round(f)
+    margin = 0.5 - (f - rf).abs() - (y.abs() * 2.0**-40 + 2.0**-18)
+    margin = torch.where((y.abs() < F32_LIMIT) & (q.abs() < 2**35), margin, -1.0)
+    margin = torch.where((y > hi + 1) | (y < lo - 1), 1.0, margin)
+    return torch.clamp(n + rf, lo, hi), margin.amin(-1)
+
+
 def certified_add(qa: Tensor, ra: Tensor, qb: Tensor, rb: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """``clamp(round(qa * Ra) + round(qb * Rb), lo, hi)`` of [rows, C] float32 tensors, and each row's smallest margin.
 
@@ -148,6 +177,8 @@ def _quantize(v: Tensor, s_in: Tensor, s: Tensor, lo: Tensor, hi: Tensor) -> Ten
 
 _round_kernel = _Kernel(certified_round)
 _narrow_kernel = _Kernel(certified_round_narrow)
+_wide_kernel = _Kernel(certified_round_wide)
+WIDE_RATIO = 2.0**-2  # the largest ratio the int64 kernel takes
 NARROW = 2**9  # clamped outputs with hi - lo below this take the one-product kernel
 _add_kernel = _Kernel(certified_add)
 _quantize_kernel = _Kernel(_quantize, cpu_only=True)
@@ -159,24 +190,26 @@ _RATIO_MEMO_MAX = 4096
 def ratio_f32(q: Tensor, s_in: ScaleLike, s_out: ScaleLike, bits: int) -> tuple[Tensor | None, Tensor, Tensor]:
     """``(r, m, e)``: ``(m, e)`` the pair's dyadic multiplier, ``r`` its float32 split [4, C] (see above).
 
-    ``r`` is None where the float32 kernels do not apply: ``q`` not a non-empty float32
+    ``r`` is None where the kernels do not apply: ``q`` not a non-empty float32 or int64
     tensor, outputs wider than ``F32_LIMIT``, or a ratio outside [2**-90, 2**10] (the split's
-    parts stay normal floats; ``q_hi * r1`` stays below 2**24 for certified values).
-    Memoised on the pair's ``requant.pair_key``, the width and the device.
+    parts stay normal floats; ``q_hi * r1`` stays below 2**24 for certified values), for
+    int64 outside [2**-90, ``WIDE_RATIO``]. Memoised on the pair's ``requant.pair_key``, the
+    width, the device and the dtype.
     """
     key = requant.pair_key(s_in, s_out)
     m, e = requant.multiplier_of(key, s_in, s_out)
     lo, hi = qrange(bits)
-    if q.dtype != torch.float32 or q.numel() == 0 or q.dim() == 0 or max(-lo, hi) > F32_LIMIT:
+    if q.dtype not in (torch.float32, torch.int64) or q.numel() == 0 or q.dim() == 0 or max(-lo, hi) > F32_LIMIT:
         return None, m, e
     channels = q.shape[-1]
-    rkey = (key, channels, str(q.device))
+    top = WIDE_RATIO if q.dtype == torch.int64 else 2.0**10
+    rkey = (key, channels, str(q.device), top)
     if rkey not in _RATIO_MEMO:
         r = None
         if m.dim() == 0 or (m.dim() == 1 and m.numel() in (1, channels) and e.shape == m.shape):
             exact = (m.double() * requant.pow2_f64(-e.clamp(-1022, 1022))).reshape(-1).expand(channels)
             mag = exact.abs()
-            if bool(((mag > 2.0**-90) & (mag <= 2.0**10)).all()):
+            if bool(((mag > 2.0**-90) & (mag <= top)).all()):
                 r1 = _top12(exact)
                 r2 = _top12(exact - r1)
                 parts = torch.stack([exact, r1, r2, exact - r1 - r2])
@@ -218,7 +251,10 @@ def requantize_float(q: Tensor, s_in: ScaleLike, s_out: ScaleLike, bits: int, si
     inf = float("inf")
     lo_t, hi_t = _bounds(lo, hi, q.device) if clamp else _bounds(-inf, inf, q.device)
     q2 = q.reshape(-1, q.shape[-1])
-    kernel = _narrow_kernel if clamp and hi - lo < NARROW else _round_kernel
+    if q.dtype == torch.int64:
+        kernel = _wide_kernel
+    else:
+        kernel = _narrow_kernel if clamp and hi - lo < NARROW else _round_kernel
     out, margin = kernel(q2, r, lo_t, hi_t)
     rows = _uncertified(margin)
     if rows is not None:
@@ -236,7 +272,7 @@ def requantize_add(qa: Tensor, sa: ScaleLike, qb: Tensor, sb: ScaleLike, s_out: 
     None where the fused kernel does not apply (operand shapes differ, or see
     :func:`ratio_f32`); the caller then takes the int64 definition.
     """
-    if qa.shape != qb.shape:
+    if qa.shape != qb.shape or qa.dtype != torch.float32 or qb.dtype != torch.float32:
         return None
     ra, ma, ea = ratio_f32(qa, sa, s_out, bits)
     rb, mb, eb = ratio_f32(qb, sb, s_out, bits)
