@@ -44,6 +44,25 @@ def test_integer_simulation_on_cuda_equals_cpu_bit_for_bit(compose_cfg, wbits: i
     assert torch.equal(cpu.view(torch.int32), gpu.view(torch.int32))
 
 
+
+def test_fused_kernels_on_cuda_equal_the_int64_definition() -> None:
+    """The compiled float32 requantizers (triton on CUDA) give requant.requantize's integers."""
+    from ptq.quant import fused, requant
+
+    gen = torch.Generator().manual_seed(7)
+    for bits, mag, dtype in [(8, 2**20, torch.float32), (16, 2**22, torch.float32), (8, 2**31, torch.int64)]:
+        q = torch.randint(-mag, mag, (4096, 64), generator=gen)
+        s_in = torch.exp(torch.empty(64).uniform_(-14, -6, generator=gen)).float()
+        want = requant.requantize(q, s_in, 0.03, bits)
+        got = fused.requantize_float(q.to(dtype).cuda(), s_in.cuda(), 0.03, bits)
+        assert got is not None and torch.equal(got.cpu().long(), want)
+    qa = torch.randint(-(2**15), 2**15, (4096, 64), generator=gen).float()
+    qb = torch.randint(-(2**20), 2**20, (4096, 64), generator=gen).float()
+    want = requant.clamp_int(requant.requantize(qa, 0.011, 0.013, 16, clamp=False)
+                             + requant.requantize(qb, 1e-5, 0.013, 16, clamp=False), 16)
+    got = fused.requantize_add(qa.cuda(), 0.011, qb.cuda(), 1e-5, 0.013, 16)
+    assert got is not None and torch.equal(got.cpu().long(), want)
+
 def test_adaround_block_runs_on_cuda(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "ptq.main", f"hydra.run.dir={run}", f"cache_dir={tmp_path / 'c'}",
