@@ -643,6 +643,24 @@ def test_shift_gelu_table_path_matches_elementwise() -> None:
             assert r_o == ref_gelu_row(r_q, s, 23, 8)
 
 
+
+def test_shift_gelu_cached_int8_table_matches_elementwise_and_is_reused() -> None:
+    """Small and large INT8 inputs look up one memoised table per setting; it equals the elementwise kernel."""
+    gen = torch.Generator().manual_seed(15)
+    for s in (0.004, 0.03, 0.5):
+        x0 = math.floor(-1 / (1.702 * f32(s)))
+        for shape in ((3, 7), (2, 5, 40)):
+            q = torch.randint(-128, 128, shape, generator=gen)
+            out, _ = ivit.shift_gelu(q.float(), s)
+            assert torch.equal(out, ivit._gelu_product(q, q.amax(-1, keepdim=True), x0, 23, 8))
+        table = ivit._gelu_table(x0, 23, 8, torch.device("cpu"))
+        ivit.shift_gelu(torch.randint(-128, 128, (4, 9), generator=gen), s)
+        assert ivit._gelu_table(x0, 23, 8, torch.device("cpu")) is table  # built once per setting
+    wide = torch.tensor([[-300, 5, 200], [1, 2, 3]])  # beyond INT8: the per-call path
+    out, _ = ivit.shift_gelu(wide, 0.01)
+    x0 = math.floor(-1 / (1.702 * f32(0.01)))
+    assert torch.equal(out, ivit._gelu_product(wide, wide.amax(-1, keepdim=True), x0, 23, 8))
+
 def test_shift_gelu_wide_input_all_negative_rows() -> None:
     """Wider-than-INT8 inputs and rows whose max is very negative (e2's shift far past 63)."""
     q = torch.tensor([[-(2**20), -(2**20) + 5, -3000], [-5, -5, -5], [-(2**30), 2**30, 0], [1, 2, 3]])

@@ -190,6 +190,24 @@ def _gelu_product(q: Tensor, mx: Tensor, x0: int, n: int, sig_bits: int) -> Tens
     return f.mul_(e1).bitwise_right_shift_(32 - sig_bits).mul_(q)
 
 
+_GELU_TABLE_BITS = 8  # inputs within INT8 share one (row max, q) table per setting
+_GELU_TABLES: dict[tuple, Tensor] = {}
+
+
+def _gelu_table(x0: int, n: int, sig_bits: int, device: torch.device) -> Tensor:
+    """``q * g`` for every INT8 pair (row max, q), flattened row max major; memoised (64 settings at most)."""
+    key = (x0, n, sig_bits, str(device))
+    table = _GELU_TABLES.get(key)
+    if table is None:
+        half = 2 ** (_GELU_TABLE_BITS - 1)
+        vals = torch.arange(-half, half, dtype=torch.int64, device=device)
+        table = _gelu_product(vals, vals.unsqueeze(1), x0, n, sig_bits).reshape(-1)
+        if len(_GELU_TABLES) >= 64:
+            _GELU_TABLES.clear()
+        _GELU_TABLES[key] = table
+    return table
+
+
 def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8) -> tuple[Tensor, Tensor]:
     """Integer GELU ``x * sigmoid(1.702 x)`` (spec "shift_gelu"); sigmoid reduced over the last dim.
 
@@ -198,9 +216,11 @@ def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8) -> tuple
     when a row is all negative; it is computed capped at ``2**31 - 1``, which is exact for
     ``total = min(e1 + e2, 2**31 - 1)``.
 
-    ``q * g`` depends only on ``(max of the row, q)``; when there are fewer such pairs than
-    half the input (INT8: at most 256 x 256) it is tabulated and looked up, which avoids
-    an elementwise int64 division.
+    ``q * g`` depends only on ``(max of the row, q)``. For INT8 inputs it is looked up in one
+    table over all 256 x 256 pairs, built once per ``(x0, n, sig_bits)`` (:func:`_gelu_table`:
+    AdaRound calls this every iteration, and a learned step changes ``x0`` rarely); wider
+    inputs are tabulated per call when there are fewer pairs than half the input. Either
+    avoids an elementwise int64 division.
     """
     if not 1 <= sig_bits <= 31:
         raise ValueError(f"sig_bits must be in [1, 31], got {sig_bits}")
@@ -211,8 +231,14 @@ def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8) -> tuple
     if qi.numel() == 0:
         return torch.empty(qi.shape, dtype=torch.int64, device=qi.device), s_out
     mx = qi.amax(-1, keepdim=True)
-    mx_lo, q_hi = (int(v) for v in torch.aminmax(mx))
-    q_lo = int(qi.min())
+    q_lo, q_hi = (int(v) for v in torch.aminmax(qi))
+    half = 2 ** (_GELU_TABLE_BITS - 1)
+    if -half <= q_lo and q_hi < half:
+        flat = (mx + half) * (2 * half) + half
+        flat = torch.add(qi, flat, out=qi) if qi is not q else qi + flat
+        table = _gelu_table(x0, n, sig_bits, qi.device)
+        return table.index_select(0, flat.reshape(-1)).view(flat.shape), s_out
+    mx_lo = int(mx.min())
     width, height = q_hi - q_lo + 1, q_hi - mx_lo + 1
     if width * height <= qi.numel() // 2:  # the table must be cheaper than the elementwise path
         dev = qi.device
