@@ -35,6 +35,7 @@ fails (no C++ compiler, an unsupported device) it runs eagerly, the same arithme
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -107,15 +108,23 @@ def _round_margin(q: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return t, torch.where(ok, margin, -1.0), y
 
 
+def _clamp_certified(t: Tensor, margin: Tensor, y: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """``clamp(t, lo, hi)`` and each row's smallest margin, saturated values certified.
+
+    Beyond a clamp bound by more than 1, every value within the error of ``y`` (relative
+    2**-22, and ``|lo|, |hi| < F32_LIMIT``) clamps to that bound, however large ``y`` is.
+    """
+    margin = torch.where((y > hi + 1) | (y < lo - 1), 1.0, margin)
+    return torch.clamp(t, lo, hi), margin.amin(-1)
+
+
 def certified_round(q: Tensor, r: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """``clamp(round_half_even(q * R), lo, hi)`` of a [rows, C] float32 tensor, and each row's smallest margin.
 
-    Values beyond ``F32_LIMIT`` are not certified, except saturated ones: beyond a clamp
-    bound by more than 1, every value within the error of ``y`` clamps to that bound.
+    Values beyond ``F32_LIMIT`` are not certified, except saturated ones (:func:`_clamp_certified`).
     """
     t, margin, y = _round_margin(q, r)
-    margin = torch.where((y > hi + 1) | (y < lo - 1), 1.0, margin)
-    return torch.clamp(t, lo, hi), margin.amin(-1)
+    return _clamp_certified(t, margin, y, lo, hi)
 
 
 def certified_round_narrow(q: Tensor, r: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,9 +138,7 @@ def certified_round_narrow(q: Tensor, r: Tensor, lo: Tensor, hi: Tensor) -> tupl
     y = q * r[0]
     t = torch.round(y)
     margin = 0.5 - (y - t).abs() - (y.abs() * 2.0**-21 + 2.0**-20)
-    margin = torch.where(y.abs() >= F32_LIMIT, -1.0, margin)
-    margin = torch.where((y > hi + 1) | (y < lo - 1), 1.0, margin)
-    return torch.clamp(t, lo, hi), margin.amin(-1)
+    return _clamp_certified(t, torch.where(y.abs() >= F32_LIMIT, -1.0, margin), y, lo, hi)
 
 
 def certified_round_wide(q: Tensor, r: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,8 +164,7 @@ def certified_round_wide(q: Tensor, r: Tensor, lo: Tensor, hi: Tensor) -> tuple[
     rf = torch.round(f)
     margin = 0.5 - (f - rf).abs() - (y.abs() * 2.0**-40 + 2.0**-18)
     margin = torch.where((y.abs() < F32_LIMIT) & (q.abs() < 2**35), margin, -1.0)
-    margin = torch.where((y > hi + 1) | (y < lo - 1), 1.0, margin)
-    return torch.clamp(n + rf, lo, hi), margin.amin(-1)
+    return _clamp_certified(n + rf, margin, y, lo, hi)
 
 
 def certified_add(qa: Tensor, ra: Tensor, qb: Tensor, rb: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -175,11 +181,12 @@ def _quantize(v: Tensor, s_in: Tensor, s: Tensor, lo: Tensor, hi: Tensor) -> Ten
     return torch.clamp(torch.round((v * s_in) / s), lo, hi)
 
 
+NARROW = 2**9  # clamped outputs with hi - lo below this take the one-product kernel
+WIDE_RATIO = 2.0**-2  # the largest ratio the int64 kernel takes
+
 _round_kernel = _Kernel(certified_round)
 _narrow_kernel = _Kernel(certified_round_narrow)
 _wide_kernel = _Kernel(certified_round_wide)
-WIDE_RATIO = 2.0**-2  # the largest ratio the int64 kernel takes
-NARROW = 2**9  # clamped outputs with hi - lo below this take the one-product kernel
 _add_kernel = _Kernel(certified_add)
 _quantize_kernel = _Kernel(_quantize, cpu_only=True)
 
@@ -226,7 +233,9 @@ def _top12(x: Tensor) -> Tensor:
     return torch.ldexp(torch.round(torch.ldexp(mant, torch.tensor(12))), ex - 12)
 
 
+@functools.lru_cache(maxsize=64)
 def _bounds(lo: float, hi: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Clamp bounds as 0-d float32 tensors, made once per range and device (kernels only read them)."""
     return torch.tensor(float(lo), device=device), torch.tensor(float(hi), device=device)
 
 

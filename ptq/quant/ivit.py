@@ -20,6 +20,7 @@ Valid-input ranges beyond the spec's (documented per function): ``int_exp`` need
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -191,21 +192,14 @@ def _gelu_product(q: Tensor, mx: Tensor, x0: int, n: int, sig_bits: int) -> Tens
 
 
 _GELU_TABLE_BITS = 8  # inputs within INT8 share one (row max, q) table per setting
-_GELU_TABLES: dict[tuple, Tensor] = {}
 
 
+@functools.lru_cache(maxsize=64)
 def _gelu_table(x0: int, n: int, sig_bits: int, device: torch.device) -> Tensor:
-    """``q * g`` for every INT8 pair (row max, q), flattened row max major; memoised (64 settings at most)."""
-    key = (x0, n, sig_bits, str(device))
-    table = _GELU_TABLES.get(key)
-    if table is None:
-        half = 2 ** (_GELU_TABLE_BITS - 1)
-        vals = torch.arange(-half, half, dtype=torch.int64, device=device)
-        table = _gelu_product(vals, vals.unsqueeze(1), x0, n, sig_bits).reshape(-1)
-        if len(_GELU_TABLES) >= 64:
-            _GELU_TABLES.clear()
-        _GELU_TABLES[key] = table
-    return table
+    """``q * g`` for every INT8 pair (row max, q), flattened row max major; memoised (callers only read it)."""
+    half = 2 ** (_GELU_TABLE_BITS - 1)
+    vals = torch.arange(-half, half, dtype=torch.int64, device=device)
+    return _gelu_product(vals, vals.unsqueeze(1), x0, n, sig_bits).reshape(-1)
 
 
 def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8) -> tuple[Tensor, Tensor]:
