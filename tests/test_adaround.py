@@ -149,14 +149,14 @@ def test_compiled_training_step_runs_and_learns(compose_cfg, tmp_path: Path) -> 
     """adaround.compile (the default outside debug=quick) on the fp backend: same pipeline, compiled loss."""
     cfg = compose_cfg("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", "adaround.compile=true",
                       "adaround.iters=60", "data.eval_images=128")
-    assert train.loss_function(cfg) is not train.unit_recon_loss
+    assert train.loss_function(cfg) is not train.unit_step_loss
     assert torch._dynamo.config.recompile_limit >= train.RECOMPILE_LIMIT  # sweep jobs share the process
     m = pipeline.run(cfg, tmp_path / "compiled")
     assert m["status"] == "ok" and len(m["units"]) == 10
     assert any(r["loss_after"] < r["loss_before"] for r in m["units"])
     ivit = compose_cfg("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", "nonlinear=ivit",
                        "adaround.compile=true", "adaround.iters=40", "data.eval_images=128")
-    assert train.loss_function(ivit) is not train.unit_recon_loss  # integer kernels: opaque ops inside
+    assert train.loss_function(ivit) is not train.unit_step_loss  # integer kernels: opaque ops inside
     m = pipeline.run(ivit, tmp_path / "compiled_ivit")
     assert m["status"] == "ok" and len(m["units"]) == 10
     assert any(r["loss_after"] < r["loss_before"] for r in m["units"])

@@ -11,8 +11,8 @@ from ptq.quant import ivit
 from ptq.quant.nonlinear import Backend
 from ptq.quant.rounding import AdaRoundQuantizer, install_adaround
 from ptq.quant.vit import QuantSettings, QuantViT
-from ptq.recon import train
-from ptq.recon.unitcache import capture, precompute_norm
+from ptq.recon import train, unitcache
+from ptq.recon.unitcache import Cached, batches, capture, precompute_norm
 
 
 def test_fused_adam_equals_torch_adam_bit_for_bit() -> None:
@@ -55,6 +55,28 @@ def _trainable(backend: str) -> tuple[QuantViT, torch.Tensor]:
     return q, images
 
 
+def test_chunked_batches_sample_what_one_draw_per_iteration_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gathering several iterations at once keeps the seeded sequence of batches (and so every result)."""
+    g = torch.Generator().manual_seed(3)
+    inputs = Cached(torch.randint(-300, 300, (50, 5, 4), generator=g).to(torch.int16), torch.tensor(0.1), 16,
+                    qtensor=True)
+    targets = Cached(torch.randn(50, 5, 4, generator=g), qtensor=True)
+    normed = Cached(torch.randn(50, 5, 4, generator=g), qtensor=True)
+    cpu = torch.device("cpu")
+    per_iter = 7 * 3 * 5 * 4 * 4  # bytes of one iteration's three batches
+    monkeypatch.setattr(unitcache, "BATCH_CHUNK_BYTES", 3 * per_iter)  # chunks of 3 iterations, 11 = 3+3+3+2
+    for n in (normed, None):
+        got = list(batches(inputs, targets, n, 7, 11, torch.Generator().manual_seed(9), cpu))
+        ref_gen = torch.Generator().manual_seed(9)
+        assert len(got) == 11
+        for x, t, nb in got:
+            idx = torch.randint(50, (7,), generator=ref_gen)
+            ref_x = inputs.take(idx, cpu)
+            assert torch.equal(x.v, ref_x.v) and torch.equal(x.s, ref_x.s) and x.bits == 16
+            assert torch.equal(t, targets.take_real(idx, cpu))
+            assert (nb is None) if n is None else torch.equal(nb.v, normed.take(idx, cpu).v)
+
+
 @pytest.mark.parametrize("backend", ["fp", "ivit"])
 def test_precomputed_norm_gives_the_same_loss_and_gradients(backend: str) -> None:
     q, images = _trainable(backend)
@@ -85,7 +107,7 @@ def test_integer_kernels_trace_without_graph_breaks() -> None:
     unit = q.blocks[0]
     inputs = capture(q, unit, images, cpu, "input", 8)
     x, target = inputs.take(torch.arange(4), cpu), torch.randn(4, *inputs.v.shape[1:])
-    explained = torch._dynamo.explain(train.unit_recon_loss)(unit, x, target, torch.tensor(4.0))
+    explained = torch._dynamo.explain(train.unit_step_loss)(unit, x, target, torch.tensor(4.0), torch.tensor(1.0))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     scores = torch.randint(-120, 120, (2, 3, 7, 7)).float()
     p, s = torch.ops.ptq.shiftmax(scores, torch.tensor(0.05), 15, 8)

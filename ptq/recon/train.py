@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ptq.quant.quantizers import SCALE_EPS, ActQuantizer
 from ptq.quant.rounding import AdaRoundQuantizer
 from ptq.quant.vit import QLinear
-from ptq.recon.unitcache import Cached, Value, as_real, precompute_norm
+from ptq.recon.unitcache import Cached, Value, as_real, batches, precompute_norm
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,23 @@ def unit_recon_loss(unit: nn.Module, x: Value, target: Tensor, beta: Tensor,
     return rec, reg
 
 
+def unit_step_loss(unit: nn.Module, x: Value, target: Tensor, beta: Tensor, weight: Tensor,
+                   normed: Value | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The training objective ``rec + weight * reg`` and its two parts.
+
+    The sum is part of the compiled graph, so neither it nor its backward runs as eager ops
+    between the graph and ``backward`` (``weight`` is 0 during the warm-up).
+    """
+    rec, reg = unit_recon_loss(unit, x, target, beta, normed)
+    return rec + weight * reg, rec, reg
+
+
 _compiled_loss: Any = None
 RECOMPILE_LIMIT = 64  # graphs of unit_recon_loss per process: a layer-granularity run needs ~6, each sweep job as many
 
 
 def loss_function(cfg: Any) -> Any:
-    """``unit_recon_loss``, compiled once per process when ``adaround.compile``.
+    """``unit_step_loss``, compiled once per process when ``adaround.compile``.
 
     Compiled, a block unit's forward+backward of the embedded default ran 1.6-2.2x faster
     on the CPU (one compilation per unit class, reused by every block). With the ivit
@@ -81,11 +92,11 @@ def loss_function(cfg: Any) -> Any:
     """
     global _compiled_loss
     if not getattr(cfg.adaround, "compile", False):
-        return unit_recon_loss
+        return unit_step_loss
     dynamo_config = torch._dynamo.config
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     if _compiled_loss is None:
-        _compiled_loss = torch.compile(unit_recon_loss, dynamic=False)
+        _compiled_loss = torch.compile(unit_step_loss, dynamic=False)
     return _compiled_loss
 
 
@@ -119,14 +130,19 @@ class FusedAdam:
     @torch.no_grad()
     def step(self) -> None:
         for g in self.groups:
-            live = [i for i, p in enumerate(g["params"]) if p.grad is not None]
-            if not live:
-                continue
-            params = [g["params"][i] for i in live]
-            steps = [g["step"][i] for i in live]
+            params = g["params"]
+            grads = [p.grad for p in params]
+            if all(gr is not None for gr in grads):  # the usual case: the group's lists as they are
+                exp_avg, exp_avg_sq, steps = g["exp_avg"], g["exp_avg_sq"], g["step"]
+            else:
+                live = [i for i, gr in enumerate(grads) if gr is not None]
+                if not live:
+                    continue
+                params, grads = [params[i] for i in live], [grads[i] for i in live]
+                exp_avg, exp_avg_sq = [g["exp_avg"][i] for i in live], [g["exp_avg_sq"][i] for i in live]
+                steps = [g["step"][i] for i in live]
             torch._foreach_add_(steps, 1)
-            torch._fused_adam_(params, [p.grad for p in params], [g["exp_avg"][i] for i in live],
-                               [g["exp_avg_sq"][i] for i in live], [], steps, amsgrad=False, lr=g["lr"],
+            torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], steps, amsgrad=False, lr=g["lr"],
                                beta1=self.BETAS[0], beta2=self.BETAS[1], weight_decay=0.0, eps=self.EPS,
                                maximize=False, grad_scale=None, found_inf=None)
 
@@ -164,23 +180,23 @@ def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg:
     curve: dict[str, list[float]] = {"step": [], "loss": [], "reg": [], "beta": []}
     early = False
     it = 0
+    weights = (torch.zeros((), device=device), torch.tensor(float(ada.reg_weight), device=device))
+    stream = batches(inputs, targets, normed, ada.batch_size, ada.iters, gen, device)
     bar = tqdm(range(ada.iters), desc=f"adaround {name}", leave=False)
     try:
         for it in bar:
-            idx = torch.randint(len(inputs), (ada.batch_size,), generator=gen)
-            x, t = inputs.take(idx, device), targets.take_real(idx, device)
-            n = normed.take(idx, device) if normed is not None else None
+            x, t, n = next(stream)
             beta = beta_at(it, ada.iters, warm, ada.beta_start, ada.beta_end)
             beta_t = torch.tensor(beta, device=device)
+            weight = weights[it >= warm]
             try:
-                rec, reg = loss_fn(unit, x, t, beta_t, n)
+                loss, rec, reg = loss_fn(unit, x, t, beta_t, weight, n)
             except Exception as exc:  # a backend torch.compile cannot handle here: run eagerly
-                if loss_fn is unit_recon_loss:
+                if loss_fn is unit_step_loss:
                     raise
                 log.warning("torch.compile failed for %s (%s); AdaRound continues eagerly", name, type(exc).__name__)
-                loss_fn = unit_recon_loss
-                rec, reg = loss_fn(unit, x, t, beta_t, n)
-            loss = rec + (ada.reg_weight * reg if it >= warm else 0.0)
+                loss_fn = unit_step_loss
+                loss, rec, reg = loss_fn(unit, x, t, beta_t, weight, n)
             opt.zero_grad()
             loss.backward()
             opt.step()

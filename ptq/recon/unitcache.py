@@ -11,6 +11,7 @@ ptq.bench measures 2.3 GB peak while capturing), instead of 1.24 GB with float32
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from ptq.quant.qtensor import QTensor
 
 FLOAT16_ABOVE_BYTES = 1 << 30
 NORM_CACHE_MAX_BYTES = 1 << 30  # precomputed LayerNorm outputs above this are computed per iteration instead
+BATCH_CHUNK_BYTES = 8 << 20  # training batches gathered together (all of a unit's caches, float32)
 
 Value = QTensor | Tensor
 
@@ -63,6 +65,13 @@ class Cached:
 
     def take_real(self, idx: Tensor, device: torch.device) -> Tensor:
         return as_real(self.take(idx, device))
+
+
+def rows(x: Value, start: int, stop: int) -> Value:
+    """Samples ``start:stop`` of a batch (a view)."""
+    if isinstance(x, QTensor):
+        return QTensor(x.v[start:stop], x.s, x.bits, x.signed)
+    return x[start:stop]
 
 
 class _Stop(Exception):
@@ -110,3 +119,28 @@ def precompute_norm(unit: nn.Module, inputs: Cached, device: torch.device, batch
     parts = [as_real(norm(inputs.take(idx[i:i + batch_size], device))).float().cpu()
              for i in range(0, len(inputs), batch_size)]
     return Cached(torch.cat(parts), qtensor=True)
+
+
+def batches(inputs: Cached, targets: Cached, normed: Cached | None, size: int, iters: int, gen: torch.Generator,
+            device: torch.device) -> Iterator[tuple[Value, Tensor, Value | None]]:
+    """``iters`` training batches of ``size`` random samples: (inputs, real targets, normed inputs or None).
+
+    The indices of several iterations are drawn in one call (the same sequence as one call per
+    iteration: a seeded run samples what it sampled before) and each cache is gathered once for
+    them, then every iteration takes its slice. One gather per chunk instead of one per
+    iteration and cache: the per-call cost of ``index_select`` was a few percent of a small
+    unit's step. A chunk stays under BATCH_CHUNK_BYTES (one iteration per chunk for large units).
+    """
+    caches = [c for c in (inputs, targets, normed) if c is not None]
+    per_iter = size * sum(c.v[0].numel() for c in caches) * 4
+    chunk = max(1, min(iters, BATCH_CHUNK_BYTES // max(1, per_iter)))
+    done = 0
+    while done < iters:
+        m = min(chunk, iters - done)
+        idx = torch.randint(len(inputs), (m * size,), generator=gen)
+        x, t = inputs.take(idx, device), targets.take_real(idx, device)
+        n = normed.take(idx, device) if normed is not None else None
+        for j in range(m):
+            a, b = j * size, (j + 1) * size
+            yield rows(x, a, b), t[a:b], None if n is None else rows(n, a, b)
+        done += m
