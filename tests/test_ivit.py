@@ -557,6 +557,27 @@ def test_shiftmax_reference(s: float, n: int, out_bits: int) -> None:
         assert row_p == ref_shiftmax_row(row_q, s, n, out_bits)
 
 
+@pytest.mark.parametrize("s,n,t", [(0.05, 15, 37), (0.004, 15, 197), (0.3, 8, 197), (2e-3, 15, 9), (1e-3, 15, 197)])
+def test_shiftmax_32bit_path_equals_the_int64_kernel(s: float, n: int, t: int) -> None:
+    """Float32 scores take the 32-bit path where it holds every intermediate: the int64 kernel's integers,
+    for INT8 and INT16 scores, rows with huge spreads (beyond float32's exact integers) and ties."""
+    gen = torch.Generator().manual_seed(t + n)
+    q16 = torch.randint(-2**15, 2**15, (4, 3, t, t), generator=gen).float()
+    q8 = torch.randint(-128, 128, (4, 3, t, t), generator=gen).float()
+    huge = q8.clone()
+    huge[..., 0] = 2.0**30  # max - q far beyond 2**24: the clip at -n*x0 must still be exact
+    huge[0, 0, 0] = 7.0  # a row of ties
+    x0 = ivit._x0(ivit._scalar_scale(s), n)
+    fits = -n * x0 + 1 <= ivit._EXP_TABLE_MAX and -x0 * 2**n * t < 2**31
+    for q in (q16, q8, huge):
+        for out_bits in (8, 16):
+            assert (ivit._shiftmax32(q, x0, n, out_bits) is not None) == fits
+            ref, _ = ivit.shiftmax(q.to(torch.int64), s, n, out_bits)  # int64 input: the int64 kernel
+            got, _ = ivit.shiftmax(q, s, n, out_bits, torch.float32)
+            assert got.dtype == torch.float32 and torch.equal(got, ref.float())
+            assert torch.equal(ivit.shiftmax(q, s, n, out_bits)[0], ref)
+
+
 def test_shiftmax_invariants() -> None:
     """0 <= p <= 2**(out_bits-1); row sums within [2**(b-1) - 1 - T - ceil(total / 2**(32-b)), 2**(b-1) - 1].
 

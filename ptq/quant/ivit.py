@@ -128,19 +128,56 @@ def int_exp(q: Tensor, s: ScaleLike, n: int) -> Tensor:
 # ----------------------------------------------------------------------------- Shiftmax / ShiftGELU
 
 
-def shiftmax(q: Tensor, s: ScaleLike, n: int = 15, out_bits: int = 8) -> tuple[Tensor, Tensor]:
+_EXP_TABLE_MAX = 1 << 16  # entries of a memoised int_exp table (Shiftmax's 32-bit path)
+
+
+@functools.lru_cache(maxsize=64)
+def _exp_table32(x0: int, n: int, device: torch.device) -> Tensor:
+    """``int_exp(-i)`` for ``i = 0 .. -n*x0`` as int32; memoised (callers only read it)."""
+    return _int_exp_direct(-torch.arange(-n * x0 + 1, dtype=torch.int64, device=device), x0, n).to(torch.int32)
+
+
+def _shiftmax32(q: Tensor, x0: int, n: int, out_bits: int) -> Tensor | None:
+    """Shiftmax of a float32 ``q`` in 32-bit arithmetic, the same integers as the int64 kernel; None
+    where 32 bits do not hold every intermediate.
+
+    ``min(max(q) - q, -n*x0)`` is exact in float32: below 2**24 the difference is an integer that
+    float32 holds (IEEE subtraction is exact when the result is representable), above it the clip
+    wins anyway. ``e`` comes from a memoised table (``e <= int_exp(0) = -x0 * 2**n``); when a row of
+    them sums below 2**31 the sum is ``total`` unclipped, and ``e * (CAP // total) <= CAP`` (as
+    ``e <= total``) fits int32 too. Half the bytes of the int64 kernel per pass, and fewer passes.
+    """
+    lim = -n * x0
+    if q.dtype != torch.float32 or lim + 1 > _EXP_TABLE_MAX or -x0 * 2**n * q.shape[-1] >= 2**31:
+        return None
+    idx = torch.sub(q.amax(-1, keepdim=True), q).clamp_max_(lim).to(torch.int32)
+    e = _exp_table32(x0, n, q.device).index_select(0, idx.view(-1)).view(idx.shape)
+    f = torch.floor_divide(torch.tensor(_CAP, dtype=torch.int32, device=q.device),
+                           e.sum(-1, keepdim=True, dtype=torch.int32))
+    return e.mul_(f).bitwise_right_shift_(32 - out_bits)
+
+
+def shiftmax(q: Tensor, s: ScaleLike, n: int = 15, out_bits: int = 8,
+             dtype: torch.dtype = torch.int64) -> tuple[Tensor, Tensor]:
     """Integer softmax over the last dim (spec "shiftmax").
 
-    Returns ``p`` (int64, ``0 <= p <= 2**(out_bits-1)``, rows summing to about
-    ``2**(out_bits-1)``) and its scale ``1 / 2**(out_bits-1)`` (float32 0-d tensor).
+    Returns ``p`` (integers ``0 <= p <= 2**(out_bits-1)``, rows summing to about
+    ``2**(out_bits-1)``) as ``dtype`` (int64, or float32 for the simulation, which holds them
+    exactly) and its scale ``1 / 2**(out_bits-1)`` (float32 0-d tensor). A float32 ``q`` runs in
+    32-bit arithmetic where that holds every intermediate (:func:`_shiftmax32`), else in int64.
     """
     if not 1 <= out_bits <= 31:
         raise ValueError(f"out_bits must be in [1, 31], got {out_bits}")
+    if dtype == torch.float32 and out_bits > 25:
+        raise ValueError(f"float32 does not hold {out_bits}-bit probabilities exactly; ask for int64")
     x0 = _x0(_scalar_scale(s), n)
     s_out = torch.tensor(1.0 / 2 ** (out_bits - 1), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return torch.empty(q.shape, dtype=dtype, device=q.device), s_out
+    p32 = _shiftmax32(q, x0, n, out_bits)
+    if p32 is not None:
+        return p32.to(dtype), s_out
     qi = _as_int64(q)
-    if qi.numel() == 0:
-        return torch.empty(qi.shape, dtype=torch.int64, device=qi.device), s_out
     mx = qi.amax(-1, keepdim=True)
     # a = q - max(q) <= 0, kept as idx = -a >= 0 (in the converted copy when there is one)
     idx = torch.sub(mx, qi, out=qi) if qi is not q else mx - qi
@@ -148,7 +185,7 @@ def shiftmax(q: Tensor, s: ScaleLike, n: int = 15, out_bits: int = 8) -> tuple[T
     total = e.sum(-1, keepdim=True).clamp_max_(_CAP)  # >= 1: the row max gives -x0 * 2**n
     f = _CAP // total
     p = e.mul_(f).bitwise_right_shift_(32 - out_bits)
-    return p, s_out
+    return p.to(dtype), s_out
 
 
 #: Shiftmax width feeding :func:`log2_probs` (p in [0, 2**15]), and the log2 output's scale 2**-14

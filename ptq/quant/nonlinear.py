@@ -28,7 +28,8 @@ from ptq.quant.quantizers import ActQuantizer
 
 @torch.library.custom_op("ptq::shiftmax", mutates_args=())
 def _shiftmax(q: Tensor, s: Tensor, n: int, out_bits: int) -> tuple[Tensor, Tensor]:
-    return ivit.shiftmax(q, s, n, out_bits)
+    """Shiftmax's integers as float32 (exact: at most 2**15 here), what the simulation carries."""
+    return ivit.shiftmax(q, s, n, out_bits, torch.float32)
 
 
 @torch.library.custom_op("ptq::log2_probs", mutates_args=())
@@ -50,7 +51,11 @@ def _ints_and_scalar(q: Tensor, *_: object) -> tuple[Tensor, Tensor]:
     return q.new_empty(q.shape, dtype=torch.int64), q.new_empty((), dtype=torch.float32)
 
 
-_shiftmax.register_fake(_ints_and_scalar)
+@_shiftmax.register_fake
+def _(q: Tensor, *_: object) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty((), dtype=torch.float32)
+
+
 _log2_probs.register_fake(_ints_and_scalar)
 _shift_gelu.register_fake(_ints_and_scalar)
 
