@@ -682,6 +682,24 @@ def test_shift_gelu_cached_int8_table_matches_elementwise_and_is_reused() -> Non
     x0 = math.floor(-1 / (1.702 * f32(0.01)))
     assert torch.equal(out, ivit._gelu_product(wide, wide.amax(-1, keepdim=True), x0, 23, 8))
 
+def test_shift_gelu_float32_output_equals_the_int64_kernel() -> None:
+    """``dtype=float32``: INT8 float32 inputs stay in 32 bits (float32 index, float32 table); wider or
+    int64 inputs take the int64 kernel and convert. The same integers either way."""
+    gen = torch.Generator().manual_seed(16)
+    for s, n, sig_bits in ((0.004, 23, 8), (0.03, 23, 8), (0.5, 15, 8), (0.03, 23, 12)):
+        q8 = torch.randint(-128, 128, (6, 37, 40), generator=gen).float()
+        q8[0, 0] = -128.0  # an all-minimum row
+        q12 = torch.randint(-2048, 2048, (3, 9), generator=gen).float()  # beyond the INT8 table
+        for q in (q8, q12, q8.to(torch.int64)):
+            ref, s_ref = ivit.shift_gelu(q, s, n, sig_bits)
+            got, s_got = ivit.shift_gelu(q, s, n, sig_bits, torch.float32)
+            assert got.dtype == torch.float32 and torch.equal(got, ref.float()) and torch.equal(s_got, s_ref)
+    x0 = math.floor(-1 / (1.702 * f32(0.03)))
+    table = ivit._gelu_table_as(x0, 23, 8, torch.device("cpu"), torch.float32)
+    ivit.shift_gelu(torch.randint(-128, 128, (4, 9), generator=gen).float(), 0.03, 23, 8, torch.float32)
+    assert ivit._gelu_table_as(x0, 23, 8, torch.device("cpu"), torch.float32) is table  # memoised
+
+
 def test_shift_gelu_wide_input_all_negative_rows() -> None:
     """Wider-than-INT8 inputs and rows whose max is very negative (e2's shift far past 63)."""
     q = torch.tensor([[-(2**20), -(2**20) + 5, -3000], [-5, -5, -5], [-(2**30), 2**30, 0], [1, 2, 3]])

@@ -239,7 +239,14 @@ def _gelu_table(x0: int, n: int, sig_bits: int, device: torch.device) -> Tensor:
     return _gelu_product(vals, vals.unsqueeze(1), x0, n, sig_bits).reshape(-1)
 
 
-def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8) -> tuple[Tensor, Tensor]:
+@functools.lru_cache(maxsize=64)
+def _gelu_table_as(x0: int, n: int, sig_bits: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`_gelu_table` converted to ``dtype``; memoised."""
+    return _gelu_table(x0, n, sig_bits, device).to(dtype)
+
+
+def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8,
+               dtype: torch.dtype = torch.int64) -> tuple[Tensor, Tensor]:
     """Integer GELU ``x * sigmoid(1.702 x)`` (spec "shift_gelu"); sigmoid reduced over the last dim.
 
     Returns ``q * g`` (int64) and its scale ``s / 2**(sig_bits-1)`` (float32 0-d tensor),
@@ -252,23 +259,40 @@ def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8) -> tuple
     AdaRound calls this every iteration, and a learned step changes ``x0`` rarely); wider
     inputs are tabulated per call when there are fewer pairs than half the input. Either
     avoids an elementwise int64 division.
+
+    ``dtype``: of the returned ``q * g``: int64, or float32 where the caller knows it holds them
+    exactly (``|q * g| <= 2**(bits + sig_bits - 2)`` below 2**24). Float32 INT8 inputs then never
+    leave 32 bits: the table index is computed in float32 (integers below 2**16, exact) and the
+    table is memoised as float32.
     """
     if not 1 <= sig_bits <= 31:
         raise ValueError(f"sig_bits must be in [1, 31], got {sig_bits}")
     s32 = _scalar_scale(s)
     x0 = _x0(1.702 * s32, n)  # t = 1.702 * s in float64
     s_out = torch.tensor(s32 / 2 ** (sig_bits - 1), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return torch.empty(q.shape, dtype=dtype, device=q.device), s_out
+    half = 2 ** (_GELU_TABLE_BITS - 1)
+    if q.dtype == torch.float32 and dtype == torch.float32:
+        mx32 = q.amax(-1, keepdim=True)
+        lo32, hi32 = (float(v) for v in torch.aminmax(q))
+        if -half <= lo32 and hi32 < half:
+            flat32 = torch.add(q, (mx32 + half) * (2 * half) + half).to(torch.int32)
+            table32 = _gelu_table_as(x0, n, sig_bits, q.device, dtype)
+            return table32.index_select(0, flat32.view(-1)).view(flat32.shape), s_out
+    return _shift_gelu64(q, x0, n, sig_bits, half).to(dtype), s_out
+
+
+def _shift_gelu64(q: Tensor, x0: int, n: int, sig_bits: int, half: int) -> Tensor:
+    """:func:`shift_gelu`'s ``q * g`` in int64 (table lookups where they are cheaper)."""
     qi = _as_int64(q)
-    if qi.numel() == 0:
-        return torch.empty(qi.shape, dtype=torch.int64, device=qi.device), s_out
     mx = qi.amax(-1, keepdim=True)
     q_lo, q_hi = (int(v) for v in torch.aminmax(qi))
-    half = 2 ** (_GELU_TABLE_BITS - 1)
     if -half <= q_lo and q_hi < half:
         flat = (mx + half) * (2 * half) + half
         flat = torch.add(qi, flat, out=qi) if qi is not q else qi + flat
         table = _gelu_table(x0, n, sig_bits, qi.device)
-        return table.index_select(0, flat.reshape(-1)).view(flat.shape), s_out
+        return table.index_select(0, flat.reshape(-1)).view(flat.shape)
     mx_lo = int(mx.min())
     width, height = q_hi - q_lo + 1, q_hi - mx_lo + 1
     if width * height <= qi.numel() // 2:  # the table must be cheaper than the elementwise path
@@ -278,8 +302,8 @@ def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8) -> tuple
         table = _gelu_product(cols_q, rows_mx, x0, n, sig_bits)  # [height, width]
         offset = (mx - mx_lo) * width - q_lo
         flat = torch.add(qi, offset, out=qi) if qi is not q else qi + offset
-        return table.reshape(-1).index_select(0, flat.reshape(-1)).view(flat.shape), s_out
-    return _gelu_product(qi, mx, x0, n, sig_bits), s_out
+        return table.reshape(-1).index_select(0, flat.reshape(-1)).view(flat.shape)
+    return _gelu_product(qi, mx, x0, n, sig_bits)
 
 
 # ----------------------------------------------------------------------------- I-LayerNorm

@@ -38,8 +38,9 @@ def _log2_probs(p: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("ptq::shift_gelu", mutates_args=())
-def _shift_gelu(q: Tensor, s: Tensor, n: int, sig_bits: int) -> tuple[Tensor, Tensor]:
-    return ivit.shift_gelu(q, s, n, sig_bits)
+def _shift_gelu(q: Tensor, s: Tensor, n: int, sig_bits: int, as_float: bool) -> tuple[Tensor, Tensor]:
+    """``q * g`` as float32 when ``as_float`` (the caller knows float32 holds it exactly), else int64."""
+    return ivit.shift_gelu(q, s, n, sig_bits, torch.float32 if as_float else torch.int64)
 
 
 @torch.library.custom_op("ptq::int_layernorm", mutates_args=())
@@ -57,7 +58,11 @@ def _(q: Tensor, *_: object) -> tuple[Tensor, Tensor]:
 
 
 _log2_probs.register_fake(_ints_and_scalar)
-_shift_gelu.register_fake(_ints_and_scalar)
+
+
+@_shift_gelu.register_fake
+def _(q: Tensor, s: Tensor, n: int, sig_bits: int, as_float: bool) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape, dtype=torch.float32 if as_float else torch.int64), q.new_empty((), dtype=torch.float32)
 
 
 @_int_layernorm.register_fake
@@ -113,14 +118,13 @@ class Backend:
     def gelu(self, x: QTensor, out_q: ActQuantizer, name: str = "gelu") -> QTensor:
         """GELU, requantized by ``out_q`` (INT8 at W?A8)."""
         if self.integer and x.integer:
+            # |q * g| <= 2**(in_bits + sig_bits - 2): float32 holds it exactly at A8, not at A16 (int64)
+            exact32 = x.bits + self.gelu_sig_bits - 2 <= 24
             with torch.no_grad():
-                g, s = _shift_gelu(x.v.detach(), x.s.detach(), self.gelu_n, self.gelu_sig_bits)
+                g, s = _shift_gelu(x.v.detach(), x.s.detach(), self.gelu_n, self.gelu_sig_bits, exact32)
             audit.record(name, g, 32)
             s = s.to(torch.float32)
-            if _needs_grad(x):
-                v = ste_attach(g, F.gelu(x.real()) / s)
-            else:  # |q * g| <= 2**(in_bits + sig_bits - 2): float32 holds it exactly at A8, not at A16 (int64)
-                v = g.to(torch.float32) if x.bits + self.gelu_sig_bits - 2 <= 24 else g
+            v = ste_attach(g, F.gelu(x.real()) / s) if _needs_grad(x) else g
             return out_q(QTensor(v, s, 32))
         return out_q(QTensor.from_float(F.gelu(x.real())))
 
