@@ -11,7 +11,7 @@ from ptq.quant import ivit
 from ptq.quant.nonlinear import Backend
 from ptq.quant.rounding import AdaRoundQuantizer, install_adaround
 from ptq.quant.vit import QuantSettings, QuantViT
-from ptq.recon import train, unitcache
+from ptq.recon import partition, train, unitcache
 from ptq.recon.unitcache import Cached, batches, capture, precompute_norm
 
 
@@ -53,6 +53,30 @@ def _trainable(backend: str) -> tuple[QuantViT, torch.Tensor]:
         if a.mode == "quant":
             a.scale.requires_grad_(True)
     return q, images
+
+
+def test_saving_transcendentals_keeps_a_units_loss_and_gradients_bit_for_bit() -> None:
+    """The compiled step's partitioner saves exp / erf / GELU / softmax outputs instead of recomputing
+    them: on an fp-backend attention and MLP unit, the same loss and gradients as the default partitioner.
+    (Not a general law: where a saved value changes how a reduction is fused, sums can move by an ulp.)"""
+    assert partition.AVAILABLE
+    q, images = _trainable("fp")
+    cpu = torch.device("cpu")
+    for unit in (q.blocks[0].attn, q.blocks[0].mlp):
+        inputs = capture(q, unit, images, cpu, "input", 8)
+        x, target = inputs.take(torch.arange(6), cpu), torch.randn(6, *inputs.v.shape[1:])
+        params = [p for p in unit.parameters() if p.requires_grad]
+        part = partition.SaveTranscendentals()
+        got = []
+        for partitioner in (None, part):
+            torch._dynamo.reset()
+            with torch._inductor.config.patch(custom_partitioner_fn=partitioner):
+                step = torch.compile(train.unit_step_loss, dynamic=False)
+                loss, rec, reg = step(unit, x, target, torch.tensor(4.0), torch.tensor(1.0))
+            got.append((rec.detach(), reg.detach(), *torch.autograd.grad(loss, params)))
+        assert part.tagged >= 1
+        for a, b in zip(*got, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_chunked_batches_sample_what_one_draw_per_iteration_samples(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ptq.quant.quantizers import SCALE_EPS, ActQuantizer
 from ptq.quant.rounding import AdaRoundQuantizer
 from ptq.quant.vit import QLinear
+from ptq.recon import partition
 from ptq.recon.unitcache import Cached, Value, as_real, batches, precompute_norm
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ def loss_function(cfg: Any) -> Any:
     (``ptq.quant.nonlinear``); as graph breaks they had split an attention unit's step into
     five graphs (4.67 -> 3.79 ms per iteration when they became ops).
 
+    The backward saves exp / erf / GELU / softmax results instead of recomputing them
+    (``ptq.recon.partition``).
+
     Every unit class, shape and quantizer setting is one more compiled graph of this one
     function; past dynamo's recompile limit (8) it silently runs eagerly, which a multirun
     (jobs share the process) reached in its second job. The limit is raised to RECOMPILE_LIMIT.
@@ -96,6 +100,7 @@ def loss_function(cfg: Any) -> Any:
     dynamo_config = torch._dynamo.config
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     if _compiled_loss is None:
+        partition.install()
         _compiled_loss = torch.compile(unit_step_loss, dynamic=False)
     return _compiled_loss
 
