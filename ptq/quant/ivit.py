@@ -75,14 +75,33 @@ def _int_exp_direct(a: Tensor, x0: int, n: int) -> Tensor:
     return ((r - 2 * x0) << (n - qq)) >> 1
 
 
-def _int_exp_neg(idx: Tensor, x0: int, n: int) -> Tensor:
-    """``int_exp(-idx)`` for int64 ``idx >= 0`` via a lookup table over ``0..max(idx)``.
+_EXP_TABLE_MAX = 1 << 16  # entries of a memoised int_exp table (n * |x0| + 1)
 
-    Inputs past ``-n*x0`` all map to ``int_exp(n*x0)`` so the table never exceeds
-    ``n*|x0| + 1`` entries; when it would be larger than the input the kernel runs
-    elementwise instead.
+
+@functools.lru_cache(maxsize=64)
+def _exp_table(x0: int, n: int, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    """``int_exp(-i)`` for ``i = 0 .. -n*x0`` (every distinct value), as ``dtype``; memoised.
+
+    AdaRound calls the kernels every iteration and a learned step changes ``x0`` rarely, so one
+    table per ``(x0, n)`` serves them all (callers only read it).
+    """
+    if dtype != torch.int64:
+        return _exp_table(x0, n, device).to(dtype)
+    return _int_exp_direct(-torch.arange(-n * x0 + 1, dtype=torch.int64, device=device), x0, n)
+
+
+def _int_exp_neg(idx: Tensor, x0: int, n: int) -> Tensor:
+    """``int_exp(-idx)`` for int64 ``idx >= 0`` by table lookup.
+
+    Inputs past ``-n*x0`` all map to ``int_exp(n*x0)``, so the memoised table (:func:`_exp_table`)
+    has ``n*|x0| + 1`` entries. Beyond _EXP_TABLE_MAX entries a table over ``0..max(idx)`` is
+    built per call, or, when that would be larger than the input, the kernel runs elementwise.
     """
     lim = -n * x0
+    if lim + 1 <= _EXP_TABLE_MAX:
+        table = _exp_table(x0, n, idx.device)
+        # index_select on the flat view: same values as torch.take, ~3x faster on CPU
+        return table.index_select(0, idx.clamp_max(lim).reshape(-1)).view(idx.shape)
     top = int(idx.max()) if idx.numel() else 0
     if top > lim:
         idx = idx.clamp_max(lim)
@@ -90,7 +109,6 @@ def _int_exp_neg(idx: Tensor, x0: int, n: int) -> Tensor:
     if top + 1 > max(idx.numel(), 4096):
         return _int_exp_direct(-idx, x0, n)
     table = _int_exp_direct(-torch.arange(top + 1, dtype=torch.int64, device=idx.device), x0, n)
-    # index_select on the flat view: same values as torch.take, ~3x faster on CPU
     return table.index_select(0, idx.reshape(-1)).view(idx.shape)
 
 
@@ -128,15 +146,6 @@ def int_exp(q: Tensor, s: ScaleLike, n: int) -> Tensor:
 # ----------------------------------------------------------------------------- Shiftmax / ShiftGELU
 
 
-_EXP_TABLE_MAX = 1 << 16  # entries of a memoised int_exp table (Shiftmax's 32-bit path)
-
-
-@functools.lru_cache(maxsize=64)
-def _exp_table32(x0: int, n: int, device: torch.device) -> Tensor:
-    """``int_exp(-i)`` for ``i = 0 .. -n*x0`` as int32; memoised (callers only read it)."""
-    return _int_exp_direct(-torch.arange(-n * x0 + 1, dtype=torch.int64, device=device), x0, n).to(torch.int32)
-
-
 def _shiftmax32(q: Tensor, x0: int, n: int, out_bits: int) -> Tensor | None:
     """Shiftmax of a float32 ``q`` in 32-bit arithmetic, the same integers as the int64 kernel; None
     where 32 bits do not hold every intermediate.
@@ -151,7 +160,7 @@ def _shiftmax32(q: Tensor, x0: int, n: int, out_bits: int) -> Tensor | None:
     if q.dtype != torch.float32 or lim + 1 > _EXP_TABLE_MAX or -x0 * 2**n * q.shape[-1] >= 2**31:
         return None
     idx = torch.sub(q.amax(-1, keepdim=True), q).clamp_max_(lim).to(torch.int32)
-    e = _exp_table32(x0, n, q.device).index_select(0, idx.view(-1)).view(idx.shape)
+    e = _exp_table(x0, n, q.device, torch.int32).index_select(0, idx.view(-1)).view(idx.shape)
     f = torch.floor_divide(torch.tensor(_CAP, dtype=torch.int32, device=q.device),
                            e.sum(-1, keepdim=True, dtype=torch.int32))
     return e.mul_(f).bitwise_right_shift_(32 - out_bits)

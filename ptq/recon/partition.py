@@ -59,18 +59,15 @@ class SaveTranscendentals(CustomPartitionerFn):  # type: ignore[misc,valid-type]
         return get_hash_for_files((str(Path(__file__).resolve()),))
 
 
-def install() -> bool:
+def install() -> None:
     """Make :class:`SaveTranscendentals` inductor's partitioner for this process, unless one is set.
 
     Process-wide, as ``loss_function`` sets dynamo's recompile limit; inference graphs (the
     evaluation kernels) have no backward and are not partitioned. Set through the global config
     rather than ``torch.compile(options=...)``: passed as an option, the same partitioner changed
     the trained units' results (measured, not explained), while the global setting keeps them
-    bit-identical. Returns whether ours is installed.
+    bit-identical. A partitioner the caller installed is left in place.
     """
-    if not AVAILABLE:
-        return False
     config = torch._inductor.config
-    if config.custom_partitioner_fn is None:
+    if AVAILABLE and config.custom_partitioner_fn is None:
         config.custom_partitioner_fn = SaveTranscendentals()
-    return isinstance(config.custom_partitioner_fn, SaveTranscendentals)

@@ -75,7 +75,7 @@ def unit_step_loss(unit: nn.Module, x: Value, target: Tensor, beta: Tensor, weig
 
 
 _compiled_loss: Any = None
-RECOMPILE_LIMIT = 64  # graphs of unit_recon_loss per process: a layer-granularity run needs ~6, each sweep job as many
+RECOMPILE_LIMIT = 64  # graphs of unit_step_loss per process: a layer-granularity run needs ~6, each sweep job as many
 
 
 def loss_function(cfg: Any) -> Any:

@@ -67,13 +67,6 @@ class Cached:
         return as_real(self.take(idx, device))
 
 
-def rows(x: Value, start: int, stop: int) -> Value:
-    """Samples ``start:stop`` of a batch (a view)."""
-    if isinstance(x, QTensor):
-        return QTensor(x.v[start:stop], x.s, x.bits, x.signed)
-    return x[start:stop]
-
-
 class _Stop(Exception):
     """Raised by a capture hook: nothing after the unit needs computing."""
 
@@ -119,6 +112,13 @@ def precompute_norm(unit: nn.Module, inputs: Cached, device: torch.device, batch
     parts = [as_real(norm(inputs.take(idx[i:i + batch_size], device))).float().cpu()
              for i in range(0, len(inputs), batch_size)]
     return Cached(torch.cat(parts), qtensor=True)
+
+
+def rows(x: Value, start: int, stop: int) -> Value:
+    """Samples ``start:stop`` of a batch (a view)."""
+    if isinstance(x, QTensor):
+        return QTensor(x.v[start:stop], x.s, x.bits, x.signed)
+    return x[start:stop]
 
 
 def batches(inputs: Cached, targets: Cached, normed: Cached | None, size: int, iters: int, gen: torch.Generator,
