@@ -35,9 +35,9 @@ def test_every_linear_conv_and_attention_matmul_is_quantized(monkeypatch: pytest
     calls: list[tuple[bool, bool]] = []
     real = qvit.int_matmul
 
-    def spy(a: QTensor, b: QTensor, scale: float = 1.0) -> QTensor:
+    def spy(a: QTensor, b: QTensor, scale: float = 1.0, *label: str) -> QTensor:
         calls.append((a.integer, b.integer))
-        return real(a, b, scale)
+        return real(a, b, scale, *label)
 
     monkeypatch.setattr(qvit, "int_matmul", spy)
     with torch.no_grad():

@@ -29,7 +29,8 @@ from torch import Tensor
 from ptq.quant.requant import ScaleLike
 from ptq.quant.requant import as_int64 as _as_int64
 
-__all__ = ["LOG2_IN_BITS", "LOG2_SCALE_BITS", "int_exp", "int_layernorm", "log2_probs", "shift_gelu", "shiftmax"]
+__all__ = ["LOG2_IN_BITS", "LOG2_SCALE_BITS", "int_exp", "int_layernorm", "layernorm_bias", "log2_probs", "shift_gelu",
+           "shiftmax"]
 
 _CAP = 2**31 - 1  # the "2**31 - 1" of Shiftmax / ShiftGELU / I-LayerNorm
 _LN_B_LIMIT = 2**58  # |b| saturates here so that y + b (and its requantization) stays exact in int64
@@ -353,11 +354,21 @@ def int_layernorm(
     f = _CAP // k
     y = d.mul_(f).bitwise_right_shift_(1)
     # 6-7. per-channel bias term, float64
-    f64 = {"device": y.device, "dtype": torch.float64}
+    b, s_out = layernorm_bias(weight, bias, c, y.device)
+    y.add_(b)
+    return y, s_out
+
+
+def layernorm_bias(weight: Tensor | None, bias: Tensor | None, c: int,
+                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """I-LayerNorm's per-channel integer bias term ``b`` (spec step 6, int64) and its output scale.
+
+    A constant of the layer: the kernel adds it, and an exported program stores it.
+    """
+    f64 = {"device": device, "dtype": torch.float64}
     gamma = torch.ones(c, **f64) if weight is None else weight.detach().to(**f64)
     beta = torch.zeros(c, **f64) if bias is None else bias.detach().to(**f64)
     gamma = torch.where(gamma == 0, torch.full_like(gamma, _GAMMA_ZERO), gamma)
     unit = math.sqrt(c) / 2**30
     b = torch.floor((beta / gamma) / unit).clamp_(-_LN_B_LIMIT, _LN_B_LIMIT).to(torch.int64)
-    y.add_(b)
-    return y, (unit * gamma).to(torch.float32)
+    return b, (unit * gamma).to(torch.float32)

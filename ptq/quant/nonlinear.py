@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ptq.quant import audit, ivit
 from ptq.quant.qtensor import QTensor, ste_attach
 from ptq.quant.quantizers import ActQuantizer
+from ptq.quant.symbolic import graph_of
 
 # The integer kernels read data-dependent Python integers (shifts, table sizes), which torch.compile
 # cannot trace. They are registered as opaque custom ops instead: inside AdaRound's compiled step
@@ -101,6 +102,15 @@ class Backend:
         With ``softmax_log2`` they are powers of two (:func:`ptq.quant.ivit.log2_probs` of a
         16-bit Shiftmax) at scale 2^-14.
         """
+        g = graph_of(x.v) if self.integer and x.integer else None
+        if g is not None:  # exporting: the kernels as graph nodes, their output scales from the kernels
+            bits = ivit.LOG2_IN_BITS if self.softmax_log2 else self.softmax_out_bits
+            p = g.shiftmax(x.v, x.s, self.softmax_n, bits, name + (".shiftmax" if self.softmax_log2 else ""))
+            _, s = ivit.shiftmax(torch.zeros(1, 1), x.s, self.softmax_n, bits)
+            if self.softmax_log2:
+                p = g.log2_probs(p, name)
+                _, s = ivit.log2_probs(torch.zeros(1, dtype=torch.int64))
+            return QTensor(p, s.to(torch.float32), self.probs_bits, signed=False)
         if self.integer and x.integer:
             with torch.no_grad():
                 if self.softmax_log2:
@@ -117,6 +127,10 @@ class Backend:
 
     def gelu(self, x: QTensor, out_q: ActQuantizer, name: str = "gelu") -> QTensor:
         """GELU, requantized by ``out_q`` (INT8 at W?A8)."""
+        g = graph_of(x.v) if self.integer and x.integer else None
+        if g is not None:  # exporting
+            _, s = ivit.shift_gelu(torch.zeros(1, 1), x.s, self.gelu_n, self.gelu_sig_bits)
+            return out_q(QTensor(g.shift_gelu(x.v, x.s, self.gelu_n, self.gelu_sig_bits, name), s, 32))
         if self.integer and x.integer:
             # |q * g| <= 2**(in_bits + sig_bits - 2): float32 holds it exactly at A8, not at A16 (int64)
             exact32 = x.bits + self.gelu_sig_bits - 2 <= 24
@@ -138,6 +152,10 @@ class Backend:
         Split from :meth:`layernorm` so that AdaRound can compute it once over a unit's cached
         inputs (``ptq.recon.unitcache.precompute_norm``): nothing in it is learned.
         """
+        g = graph_of(x.v) if self.integer and x.integer else None
+        if g is not None:  # exporting: I-LayerNorm with the layer's integer bias term
+            b, s = ivit.layernorm_bias(ln.weight, ln.bias, ln.normalized_shape[0])
+            return QTensor(g.layernorm(x.v, b, name), s, 32)
         if self.integer and x.integer:
             with torch.no_grad():
                 y, s = _int_layernorm(x.v.detach(), x.s.detach(), ln.weight.detach(), ln.bias.detach())

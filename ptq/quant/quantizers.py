@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ptq.quant import audit, fused, requant
 from ptq.quant.qtensor import QTensor, fake_quant, grad_scale, qmax, qrange
+from ptq.quant.symbolic import graph_of
 
 SCALE_EPS = 1e-8
 ACT_METHODS = ("movavg", "mse", "percentile")
@@ -187,6 +188,13 @@ class ActQuantizer(nn.Module):
             elif self.searched:
                 self.count(real)
             return QTensor.from_float(real)
+        g = graph_of(x.v)
+        if g is not None:  # exporting the integer program: the same step and multiplier, as graph nodes
+            lo, hi = qrange(self.bits, self.signed)
+            if x.integer:
+                m, e = requant.multiplier(x.s, self.scale)
+                return QTensor(g.requantize(x.v, m, e, lo, hi, True, self.name), self.scale, self.bits, self.signed)
+            return QTensor(g.quantize(x.v, self.scale, lo, hi, self.name), self.scale, self.bits, self.signed)
         s = self._step(x.v)
         if not torch.is_grad_enabled():  # evaluation: fused float32 kernels, the same integers (ptq.quant.fused)
             if x.integer:
@@ -211,6 +219,13 @@ class ActQuantizer(nn.Module):
             s = self._step(a.v)
             return self._emit(fake_quant(a.real() + b.real(), s, *qrange(self.bits, self.signed)), s)
         sd = self.scale
+        g = graph_of(a.v)
+        if g is not None:  # exporting: both operands requantized unclamped, a float one folded
+            lo, hi = qrange(self.bits, self.signed)
+            qa = g.requantize(a.v, *requant.multiplier(a.s, sd), lo, hi, False, self.name + ".a")
+            qb = (g.requantize(b.v, *requant.multiplier(b.s, sd), lo, hi, False, self.name + ".b") if b.integer
+                  else self.fold(b, sd))
+            return QTensor(g.add(qa, qb, lo, hi, self.name), sd, self.bits, self.signed)
         if b.integer:
             fast = fused.requantize_add(a.v, a.s, b.v, b.s, sd, self.bits, self.signed)
             if fast is not None:
@@ -219,8 +234,13 @@ class ActQuantizer(nn.Module):
         if b.integer:
             qb = requant.requantize(b.v, b.s, sd, self.bits, self.signed, clamp=False)
         else:
-            qb = torch.round(b.real().double() / sd.double()).to(torch.int64)
+            qb = self.fold(b, sd)
         return self._emit(requant.clamp_int(qa + qb, self.bits, self.signed).to(torch.float32), sd)
+
+    @staticmethod
+    def fold(b: QTensor, s: Tensor) -> Tensor:
+        """A float operand of a residual add (the position embedding) as int64 integers at scale ``s``."""
+        return torch.round(b.real().double() / s.double()).to(torch.int64)
 
     def extra_repr(self) -> str:
         kind = "int" if self.signed else "uint"

@@ -30,6 +30,7 @@ from ptq.quant import audit
 from ptq.quant.nonlinear import Backend
 from ptq.quant.qtensor import QTensor, qrange, round_ste
 from ptq.quant.quantizers import ActQuantizer, WeightQuantizer
+from ptq.quant.symbolic import graph_of
 
 FLOAT32_EXACT = 2**24
 FLOAT64_EXACT = 2**53
@@ -103,9 +104,15 @@ def exact_matmul(a: Tensor, b: Tensor, a_max: int, b_max: int) -> Tensor:
     return (a32 @ b32).double().sum(-3)
 
 
-def int_matmul(a: QTensor, b: QTensor, scale: float = 1.0) -> QTensor:
-    """Product of two per-tensor quantized operands: an integer accumulator when both are integer."""
+def int_matmul(a: QTensor, b: QTensor, scale: float = 1.0, name: str = "matmul", kind: str = "matmul") -> QTensor:
+    """Product of two per-tensor quantized operands: an integer accumulator when both are integer.
+
+    ``name`` / ``kind`` label the product in an exported integer program (``scores``, ``context``).
+    """
     s = a.s * b.s * scale
+    g = graph_of(a.v)
+    if g is not None:  # exporting: the integer product, its scale as above
+        return QTensor(g.matmul(a.v, b.v, name, kind), s, 32)
     if a.integer and b.integer and not torch.is_grad_enabled():
         acc = exact_matmul(a.v, b.v, _magnitude(a.bits, a.signed), _magnitude(b.bits, b.signed))
         return QTensor(acc, s, 32)
@@ -119,12 +126,13 @@ class QLinear(nn.Module):
     ``s_x * s_w``; the caller requantizes it (or adds it to the residual).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, wbits: int | None) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, wbits: int | None, kind: str = "linear") -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.wq: WeightQuantizer | None = None if wbits is None else WeightQuantizer(self.weight, wbits)
         self.name = ""
+        self.kind = kind
 
     def quantized_weight(self) -> tuple[Tensor, Tensor, bool]:
         """(integer weight, per-channel scale, whether it holds exact integers)."""
@@ -132,18 +140,29 @@ class QLinear(nn.Module):
             return self.weight, torch.ones((), device=self.weight.device), False
         return self.wq(self.weight), self.wq.scale, self.wq.integer
 
+    def int_bias(self, s_acc: Tensor) -> Tensor | None:
+        """The bias as INT32 integers at the accumulator's scale ``s_acc`` (float64 rounding), or None."""
+        if self.bias is None:
+            return None
+        return torch.round(self.bias.double() / s_acc.double()).clamp(-INT32_MAX, INT32_MAX)
+
     def forward(self, x: QTensor) -> QTensor:
         if x.per_channel:
             x = x.dequant()
         w, s_w, w_int = self.quantized_weight()
         integer = x.integer and w_int
         s_acc = x.s * s_w
+        g = graph_of(x.v)
+        if g is not None:  # exporting: the integer weights and bias the simulation uses
+            if not integer:
+                raise ValueError(f"{self.name}: not an integer layer (weights or input not quantized)")
+            qb = self.int_bias(s_acc)
+            return QTensor(g.linear(x.v, w, qb, self.name + ".acc", self.kind), s_acc, 32)
         if integer and not torch.is_grad_enabled():
             a_max, w_max = _magnitude(x.bits, x.signed), _magnitude(self.wq.bits, True)
             k = x.v.shape[-1]
-            qb = None
-            if self.bias is not None:
-                qb = torch.round(self.bias.double() / s_acc.double()).clamp(-INT32_MAX, INT32_MAX)
+            qb = self.int_bias(s_acc)
+            if qb is not None:
                 audit.record(self.name + ".bias", qb, 32)
             b_max = int(qb.abs().max()) if qb is not None else 0
             if k * a_max * w_max + b_max < FLOAT32_EXACT:  # bias folded into one float32 GEMM, still exact
@@ -179,7 +198,7 @@ class QPatchEmbed(nn.Module):
             raise ValueError("only the plain patchify conv_proj is supported (no conv stem)")
         self.patch = model.patch_size
         self.in_q = st.act(enabled=st.quant_io)
-        self.proj = QLinear(conv.weight.flatten(1), conv.bias, st.wbits)
+        self.proj = QLinear(conv.weight.flatten(1), conv.bias, st.wbits, "patch_embed")
         pos = model.encoder.pos_embedding.detach()
         cls = model.class_token.detach() + pos[:, :1]
         self.const = nn.Parameter(torch.cat([cls, pos[:, 1:]], dim=1).clone(), requires_grad=False)
@@ -221,12 +240,12 @@ class QAttention(_PreNorm):
         self.ln = _copy_ln(block.ln_1)
         self.register_buffer("ln_r", torch.ones(self.ln.normalized_shape))  # folded LN factors (quant.reparam)
         self.ln_q = st.act()
-        self.qkv = QLinear(mha.in_proj_weight, mha.in_proj_bias, st.wbits)
+        self.qkv = QLinear(mha.in_proj_weight, mha.in_proj_bias, st.wbits, "qkv")
         self.q_q, self.k_q, self.v_q = st.act(), st.act(), st.act()
         self.scores_q = st.kernel_input()
         self.probs_q = st.act(signed=False)
         self.ctx_q = st.act()
-        self.proj = QLinear(mha.out_proj.weight, mha.out_proj.bias, st.wbits)
+        self.proj = QLinear(mha.out_proj.weight, mha.out_proj.bias, st.wbits, "attn_out")
         self.res_q = st.residual()
 
     def forward(self, x: QTensor, normed: QTensor | None = None) -> QTensor:
@@ -242,9 +261,9 @@ class QAttention(_PreNorm):
         ]
         q, k, v = (QTensor(z.v.reshape(b, t, self.heads, d).transpose(1, 2), z.s, z.bits, z.signed) for z in qkv)
         kt = QTensor(k.v.transpose(-2, -1), k.s, k.bits, k.signed)
-        scores = self.scores_q(int_matmul(q, kt, 1.0 / math.sqrt(d)))
+        scores = self.scores_q(int_matmul(q, kt, 1.0 / math.sqrt(d), self.scores_q.name + ".acc", "scores"))
         probs = self.backend.softmax(scores, self.probs_q, self.probs_q.name + ".int")
-        ctx = int_matmul(probs, v)
+        ctx = int_matmul(probs, v, 1.0, self.ctx_q.name + ".acc", "context")
         ctx = self.ctx_q(QTensor(ctx.v.transpose(1, 2).reshape(b, t, e), ctx.s, ctx.bits))
         return self.res_q.add(x, self.proj(ctx))
 
@@ -259,10 +278,10 @@ class QMLP(_PreNorm):
         self.ln = _copy_ln(block.ln_2)
         self.register_buffer("ln_r", torch.ones(self.ln.normalized_shape))
         self.ln_q = st.act()
-        self.fc1 = QLinear(fc1.weight, fc1.bias, st.wbits)
+        self.fc1 = QLinear(fc1.weight, fc1.bias, st.wbits, "fc1")
         self.fc1_q = st.kernel_input()
         self.gelu_q = st.act()
-        self.fc2 = QLinear(fc2.weight, fc2.bias, st.wbits)
+        self.fc2 = QLinear(fc2.weight, fc2.bias, st.wbits, "fc2")
         self.res_q = st.residual()
 
     def forward(self, x: QTensor, normed: QTensor | None = None) -> QTensor:
@@ -299,7 +318,7 @@ class QHead(nn.Module):
         self.ln = _copy_ln(model.encoder.ln)
         self.register_buffer("ln_r", torch.ones(self.ln.normalized_shape))
         self.ln_q = st.act(enabled=st.quant_io)
-        self.fc = QLinear(heads.head.weight, heads.head.bias, st.wbits)
+        self.fc = QLinear(heads.head.weight, heads.head.bias, st.wbits, "head")
 
     def forward(self, x: QTensor) -> Tensor:
         cls = QTensor(x.v[:, 0], x.s, x.bits, x.signed)

@@ -1,0 +1,310 @@
+"""The ONNX side of a ``QuantViT``'s integer program: each operation the model hands over, in ONNX ops.
+
+:class:`OnnxGraph` implements ``ptq.quant.symbolic.IntGraph``. The model's own ``forward``
+drives it (``ptq.intexec.build``); this module decides only how each operation is spelled:
+
+* activations are int32 tensors between ops (Clip and Min have no int16 kernels, Where none
+  for int8/int16); products and kernel intermediates are int64 where they need it;
+* linear layers and attention matmuls are ``MatMulInteger``: 8-bit activations shifted by 128
+  into uint8 with ``a_zero_point = 128`` (onnxruntime's fast kernels take uint8 x int8),
+  INT8/INT4 weights stored int8, an INT32 bias added to the int32 accumulator;
+* requantization is the spec's dyadic rounding ``round_half_to_even(q * m / 2**e)`` in int64
+  (a two-limb product where ``q * m`` could pass 2**62, as I-LayerNorm's outputs can);
+* the kernels come from ``ptq.intexec.kernels``.
+
+Every value is named after the tensor the simulation's range audit records (quantizer names,
+``<linear>.acc``, ``<quantizer>.int``), and :attr:`OnnxGraph.values` declares its width, so a
+debug export exposes them as outputs and a mismatch names the first diverging tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import Tensor
+
+from ptq.intexec import kernels
+from ptq.intexec.kernels import CAP, I32, I64, Emitter
+from ptq.quant.symbolic import Sym
+
+OPSET = 18
+IR_VERSION = 10
+ACC_BITS = 32
+_ELEM = {"float32": TensorProto.FLOAT, "int32": TensorProto.INT32, "int64": TensorProto.INT64}
+
+
+def _ints(t: Tensor) -> np.ndarray:
+    """An integer-valued tensor (any dtype) as an int64 array, checked to hold integers."""
+    t = t.detach().cpu()
+    if t.is_floating_point():
+        if not bool((t == t.round()).all()):
+            raise ValueError("expected integers")
+        t = t.double()
+    return t.to(torch.int64).numpy()
+
+
+def _width(lo: int, hi: int) -> tuple[int, bool]:
+    """Declared (bits, signed) of a clamp range."""
+    if lo >= 0:
+        return max(1, hi.bit_length()), False
+    return max(hi.bit_length(), (-lo - 1).bit_length()) + 1, True
+
+
+class OnnxGraph:
+    """Builds the integer ONNX graph as the model's forward calls it (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.em = Emitter()
+        self.values: dict[str, dict[str, Any]] = {}  # declared width and role of every named integer value
+        self.named: dict[str, Sym] = {}
+        self.constants: dict[str, dict[str, Any]] = {}  # role and range of the integer constants (widths report)
+
+    # -- values ----------------------------------------------------------------------------------
+    def input(self, name: str, shape: tuple[int, ...]) -> Sym:
+        """The float input (its dim 0 is the batch)."""
+        self.em.fresh(name)
+        return Sym(self, name, shape, "float32", 0, 0)
+
+    def _out(self, name: str, shape: tuple[int, ...], dtype: str, lo: int, hi: int, *, kind: str,
+             bits: int, signed: bool, matmul: str | None = None) -> Sym:
+        """A named integer value: declared width recorded, Sym returned."""
+        sym = Sym(self, name, shape, dtype, lo, hi)
+        self.values[name] = {"bits": bits, "signed": signed, "kind": kind, **({"matmul": matmul} if matmul else {})}
+        self.named[name] = sym
+        return sym
+
+    def _cast(self, x: Sym | str, to: int) -> str:
+        name = x.name if isinstance(x, Sym) else x
+        if isinstance(x, Sym) and _ELEM.get(x.dtype) == to:
+            return name
+        return self.em.op("Cast", [name], to=to)
+
+    def _const_int(self, name: str, arr: np.ndarray, dtype: Any, role: str) -> str:
+        c = self.em.const(arr.astype(dtype), dtype, hint=name)
+        if arr.size:
+            self.constants[name] = {"role": role, "dtype": np.dtype(dtype).name, "min": int(arr.min()),
+                                    "max": int(arr.max())}
+        return c
+
+    # -- shape operations (Sym methods) ---------------------------------------------------------
+    def node(self, op: str, inputs: list[Any], shape: tuple[int, ...], dtype: str, lo: int, hi: int,
+             **attrs: Any) -> Sym:
+        x: Sym = inputs[0]
+        em = self.em
+        if op == "Reshape":
+            out = em.op("Reshape", [x.name, em.const(list(attrs["target"]))])
+        elif op == "Transpose":
+            out = em.op("Transpose", [x.name], perm=list(attrs["perm"]))
+        elif op == "Slice":
+            out = em.op("Slice", [x.name, em.const([attrs["start"]]), em.const([attrs["stop"]]),
+                                  em.const([attrs["axis"]])])
+        elif op == "Gather":
+            out = em.op("Gather", [x.name, em.const(attrs["index"])], axis=attrs["axis"])
+        elif op == "Pad":
+            out = em.op("Pad", [x.name, em.const(list(attrs["pads"]))])
+        elif op == "Cast":
+            out = em.op("Cast", [x.name], to=_ELEM[attrs["to"]])
+        else:
+            raise ValueError(f"no ONNX lowering for {op}")
+        return Sym(self, out, shape, dtype, lo, hi)
+
+    # -- integer operations ---------------------------------------------------------------------
+    def quantize(self, x: Sym, s: Tensor, lo: int, hi: int, name: str) -> Sym:
+        """Float image -> integers: ``clamp(round_half_even(x / s))`` in float32, the one float op before the integers."""
+        em = self.em
+        sc = em.const(np.float32(s.detach().cpu().reshape(()).item()), np.float32, hint="in_scale")
+        r = em.op("Round", [em.op("Div", [x.name, sc])])
+        c = em.op("Clip", [r, em.const(np.float32(lo), np.float32), em.const(np.float32(hi), np.float32)])
+        out = em.op("Cast", [c], out=name, to=I32)
+        bits, signed = _width(lo, hi)
+        return self._out(out, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
+
+    def requantize(self, x: Sym, m: Tensor, e: Tensor, lo: int, hi: int, clamp: bool, name: str) -> Sym:
+        """Spec "requantize": ``round_half_to_even(q * m / 2**e)``, clamped to ``[lo, hi]`` when ``clamp``."""
+        em = self.em
+        m64, e64 = _ints(m).reshape(-1), _ints(e).reshape(-1)
+        top = np.abs(m64) == 2**31  # (2**31, e) -> (2**30, e - 1): the same ratio, |m| < 2**31
+        m64, e64 = np.where(top, m64 // 2, m64), np.where(top, e64 - 1, e64)
+        if (e64 <= 0).any():
+            raise ValueError(f"{name}: requantization ratio >= 2**30 (e={int(e64.min())}) is not supported")
+        q = self._cast(x, I64)
+        if x.bound < 2**31:  # |q * m| < 2**62: one int64 product, then a rounding shift
+            zero = e64 >= 63  # |q * m / 2**e| < 1/2: rounds to 0
+            m64, k = np.where(zero, 0, m64), np.minimum(e64, 62)
+            p = em.op("Mul", [q, self._vec(m64, "mult")])
+            y = em.round_shift(p, self._shape_k(k))
+        else:
+            y = self._limb_requant(q, x, m64, e64, name)
+        ratio = float((np.abs(m64).astype(np.float64) / np.exp2(e64.astype(np.float64))).max())
+        if clamp:
+            y = em.op("Cast", [em.op("Clip", [y, em.const(lo), em.const(hi)])], out=name, to=I32)
+            bits, signed = _width(lo, hi)
+            return self._out(y, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
+        y = em.op("Identity", [y], out=name)
+        b = int(np.ceil(x.bound * ratio)) + 1
+        return self._out(y, x.shape, "int64", -b, b, kind="operand", bits=ACC_BITS, signed=True)
+
+    def _vec(self, v: np.ndarray, hint: str) -> str:
+        """A per-tensor (scalar) or per-channel (last axis) int64 constant."""
+        return self.em.const(v.reshape(()) if v.size == 1 else v, hint=hint)
+
+    @staticmethod
+    def _shape_k(k: np.ndarray) -> np.ndarray:
+        return k.reshape(()) if k.size == 1 else k
+
+    def _limb_requant(self, q: str, x: Sym, m64: np.ndarray, e64: np.ndarray, name: str) -> str:
+        """Wide ``q`` (|q| <= 2**59), ratio < 1 (``e >= 31``): ``q * m = w * 2**31 + v`` from q's two limbs.
+
+        Bits of ``v`` below its half bit only matter through whether any is set, so they fold
+        into one sticky bit: ``round(q * m / 2**e) = round((4w + 2 bit30(v) + sticky) / 2**(e - 29))``.
+        """
+        em = self.em
+        if x.bound > 2**59 or (e64 < 31).any():
+            raise ValueError(f"{name}: no exact int64 requantization for |q| <= {x.bound} with e >= {int(e64.min())}")
+        zero = e64 - 29 >= 63
+        m64, k = np.where(zero, 0, m64), np.minimum(e64 - 29, 62)
+        mc = self._vec(m64, "mult")
+        qh = em.floor_shift(q, 31)
+        t = em.op("Mul", [em.op("BitwiseAnd", [q, em.const(2**31 - 1)]), mc])
+        w = em.op("Add", [em.op("Mul", [qh, mc]), em.floor_shift(t, 31)])
+        v = em.op("BitwiseAnd", [t, em.const(2**31 - 1)])
+        half_bit = em.op("Div", [v, em.const(2**30)])
+        sticky = em.op("Cast", [em.op("Greater", [em.op("BitwiseAnd", [v, em.const(2**30 - 1)]), em.const(0)])],
+                       to=I64)
+        p2 = em.op("Add", [em.op("Add", [em.op("Mul", [w, em.const(4)]), em.op("Mul", [half_bit, em.const(2)])]),
+                           sticky])
+        return em.round_shift(p2, self._shape_k(k))
+
+    def add(self, a: Sym, b: Sym | Tensor, lo: int, hi: int, name: str) -> Sym:
+        """Residual add: two unclamped operands (or one and a folded constant) added, clamped once."""
+        em = self.em
+        if isinstance(b, Sym):
+            bn = self._cast(b, I64)
+        else:
+            bn = self._const_int(name + ".const", _ints(b), np.int64, "position_embedding")
+        s = em.op("Add", [self._cast(a, I64), bn])
+        y = em.op("Cast", [em.op("Clip", [s, em.const(lo), em.const(hi)])], out=name, to=I32)
+        bits, signed = _width(lo, hi)
+        return self._out(y, a.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
+
+    def _operand(self, x: Sym | np.ndarray, first: bool) -> tuple[str, str] | None:
+        """``x`` as a MatMulInteger operand: (uint8/int8 tensor, zero point or ""); None if wider than 8 bits.
+
+        The first operand is uint8 (signed values shifted by 128, zero point 128). The second
+        is int8 only where ``|x| <= 64``: on x86 CPUs without VNNI onnxruntime's uint8 x int8
+        kernel sums pairs of products in int16, which saturates beyond that. Wider signed
+        operands are shifted into uint8 too (the uint8 x uint8 kernel is exact everywhere).
+        """
+        em = self.em
+        if isinstance(x, np.ndarray):  # weights, [K, N]
+            if np.abs(x).max() <= 64:
+                return em.const(x, np.int8, hint="weight"), ""
+            return em.const(x + 128, np.uint8, hint="weight_u8"), em.const(np.uint8(128), np.uint8, hint="zp")
+        if 0 <= x.lo and x.hi <= 255:
+            return em.op("Cast", [x.name], to=TensorProto.UINT8), ""
+        if not first and -64 <= x.lo and x.hi <= 64:
+            return em.op("Cast", [x.name], to=TensorProto.INT8), ""
+        if -128 <= x.lo and x.hi <= 127:  # uint8 = x + 128, zero point 128
+            shifted = em.op("Add", [self._cast(x, I32), em.const(128, np.int32)])
+            return em.op("Cast", [shifted], to=TensorProto.UINT8), em.const(np.uint8(128), np.uint8, hint="zp")
+        return None
+
+    def _matmul(self, a: Sym, b: Sym | np.ndarray, k: int, b_abs: int) -> tuple[str, int, str]:
+        """Integer ``a @ b`` (``b`` an activation or an integer weight array [K, N]); (name, bound, dtype)."""
+        em = self.em
+        bound = k * a.bound * b_abs
+        pa, pb = self._operand(a, True), self._operand(b, False)
+        if pa is not None and pb is not None and bound < 2**31:
+            ins = [pa[0], pb[0], pa[1], pb[1]]
+            while ins[-1] == "":
+                ins.pop()
+            return em.op("MatMulInteger", ins), bound, "int32"
+        dt, elem = ("int32", I32) if bound < 2**31 else ("int64", I64)
+        bn = em.const(b, np.int32 if dt == "int32" else np.int64, hint="weight") if isinstance(b, np.ndarray) \
+            else self._cast(b, elem)
+        return em.op("MatMul", [self._cast(a, elem), bn]), bound, dt
+
+    def linear(self, x: Sym, w: Tensor, b: Tensor | None, name: str, kind: str) -> Sym:
+        """``x @ W^T + b`` into an INT32 accumulator (int64 only if the bound could pass 2**31)."""
+        wi = _ints(w)
+        if wi.min() < -128 or wi.max() > 127:
+            raise ValueError(f"{name}: weights are not 8-bit integers")
+        wname = name.removesuffix(".acc") + ".weight"
+        self.constants[wname] = {"role": "weight", "dtype": "int8", "min": int(wi.min()), "max": int(wi.max())}
+        k = wi.shape[1]
+        acc, bound, dt = self._matmul(x, np.ascontiguousarray(wi.T), k, int(np.abs(wi).max()))
+        if b is not None:
+            bi = _ints(b)
+            bound += int(np.abs(bi).max())
+            if dt == "int32" and bound >= 2**31:
+                acc, dt = self._cast(acc, I64), "int64"
+            bc = self._const_int(name.removesuffix(".acc") + ".bias", bi, np.int32 if dt == "int32" else np.int64,
+                                 "bias")
+            acc = self.em.op("Add", [acc, bc])
+        acc = self.em.op("Identity", [acc], out=name)
+        shape = (*x.shape[:-1], wi.shape[0])
+        return self._out(acc, shape, dt, -bound, bound, kind="accumulator", bits=ACC_BITS, signed=True, matmul=kind)
+
+    def matmul(self, a: Sym, b: Sym, name: str, kind: str) -> Sym:
+        """Attention's ``q @ k^T`` / ``probs @ v`` between two activations."""
+        acc, bound, dt = self._matmul(a, b, a.shape[-1], b.bound)
+        acc = self.em.op("Identity", [acc], out=name)
+        shape = (*a.shape[:-1], b.shape[-1])
+        return self._out(acc, shape, dt, -bound, bound, kind="accumulator", bits=ACC_BITS, signed=True, matmul=kind)
+
+    # -- kernels --------------------------------------------------------------------------------
+    def shiftmax(self, x: Sym, s: Tensor, n: int, out_bits: int, name: str) -> Sym:
+        p = kernels.shiftmax(self.em, self._cast(x, I64), s.detach().cpu().numpy(), n, out_bits, name + ".i64")
+        p = self.em.op("Cast", [p], out=name, to=I32)
+        top = 2 ** (out_bits - 1)
+        return self._out(p, x.shape, "int32", 0, top, kind="activation", bits=out_bits, signed=False)
+
+    def log2_probs(self, p: Sym, name: str) -> Sym:
+        y = kernels.log2_probs(self.em, self._cast(p, I64), name + ".i64")
+        y = self.em.op("Cast", [y], out=name, to=I32)
+        return self._out(y, p.shape, "int32", 0, 2**14, kind="activation", bits=15, signed=False)
+
+    def shift_gelu(self, x: Sym, s: Tensor, n: int, sig_bits: int, name: str) -> Sym:
+        y = kernels.shift_gelu(self.em, self._cast(x, I64), s.detach().cpu().numpy(), n, sig_bits, name)
+        b = x.bound * 2 ** (sig_bits - 1)
+        return self._out(y, x.shape, "int64", -b, b, kind="gelu", bits=ACC_BITS, signed=True)
+
+    def layernorm(self, x: Sym, b: Tensor, name: str) -> Sym:
+        bi = _ints(b)
+        self.constants[name + ".bias"] = {"role": "layernorm_bias", "dtype": "int64", "min": int(bi.min()),
+                                          "max": int(bi.max())}
+        y = kernels.layernorm(self.em, self._cast(x, I64), x.shape[-1], bi, name)
+        # |d| <= 2 * |q|, f <= CAP // 2**6 (k >= 2**6 after the first Newton step from 2**16)
+        bound = (2 * x.bound + 1) * (CAP // 2**6) // 2 + 1 + int(np.abs(bi).max())
+        return self._out(y, x.shape, "int64", -bound, bound, kind="layernorm", bits=ACC_BITS, signed=True)
+
+    def dequantize(self, x: Sym, s: Tensor) -> Sym:
+        """Float32 accumulator times its float32 scale (per channel): the logits."""
+        sc = self.em.const(s.detach().cpu().float().numpy(), np.float32, hint="out_scale")
+        return Sym(self, self.em.op("Mul", [x.name, sc]), x.shape, "float32", 0, 0)
+
+    # -- the model ------------------------------------------------------------------------------
+    def model(self, image: Sym, outputs: dict[str, Sym], extra: list[str] = (), doc: str = "",
+              metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+        """The ONNX model: ``image`` in, ``outputs`` (name -> value) out, plus the named values in ``extra``."""
+        em = self.em
+        nodes = list(em.nodes)
+        outs = []
+        for out_name, sym in outputs.items():
+            nodes.append(helper.make_node("Identity", [sym.name], [out_name], name=f"out.{out_name}"))
+            outs.append(helper.make_tensor_value_info(out_name, _ELEM[sym.dtype], ["N", *sym.shape[1:]]))
+        for name in extra:
+            sym = self.named[name]
+            outs.append(helper.make_tensor_value_info(name, _ELEM[sym.dtype], ["N", *sym.shape[1:]]))
+        inp = helper.make_tensor_value_info(image.name, TensorProto.FLOAT, ["N", *image.shape[1:]])
+        graph = helper.make_graph(nodes, "ptq_integer_vit", [inp], outs, initializer=list(em.inits.values()))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ptq",
+                                  doc_string=doc)
+        model.ir_version = IR_VERSION
+        for k, v in (metadata or {}).items():
+            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+        return model

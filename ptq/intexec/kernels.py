@@ -1,0 +1,180 @@
+"""The integer kernels of spec/integer-ops.md spelled in standard ONNX integer ops.
+
+Written from the spec, not from ``ptq.quant.ivit``: the two implementations meet only in
+the integers they produce (``tests/test_onnx_kernels.py`` checks them on edge inputs, the
+verifier on every eval image), so a bug in one is not silently shared by the other.
+
+ONNX semantics that shape the spelling (onnxruntime's CPU kernels):
+
+* integer ``Div`` truncates toward zero; a floor shift of a possibly negative ``x`` is
+  ``(x - (x & (2**k - 1))) / 2**k`` (an exact division), and where the operands' signs are
+  known (both positive, or ``x <= 0`` over ``x0 < 0``) ``Div`` is floor already;
+* ``Mod`` with ``fmod=0`` has Python semantics (result takes the divisor's sign);
+* ``BitShift`` takes unsigned types only, so ``2**k`` for a data-dependent ``k`` is a
+  table ``Gather``.
+
+Everything here computes in int64 (int32 where the values provably fit); the caller casts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+CAP = 2**31 - 1  # the spec's 2**31 - 1
+I64, I32 = TensorProto.INT64, TensorProto.INT32
+
+
+class Emitter:
+    """Appends ONNX nodes and (de-duplicated) constant initializers; names every value uniquely."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self._const_names: dict[tuple, str] = {}
+        self._used: set[str] = set()
+
+    def fresh(self, hint: str) -> str:
+        """A value name not used before, ``hint`` when it is free."""
+        name, i = hint, 1
+        while name in self._used:
+            name, i = f"{hint}_{i}", i + 1
+        self._used.add(name)
+        return name
+
+    def const(self, value: Any, dtype: Any = np.int64, hint: str = "c") -> str:
+        """An initializer holding ``value`` (array-like) as ``dtype``; equal constants share one name."""
+        arr = np.array(value, dtype=dtype, order="C")  # (ascontiguousarray would make scalars 1-d)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        name = self._const_names.get(key)
+        if name is None:
+            name = self.fresh(f"const.{hint}")
+            self.inits[name] = numpy_helper.from_array(arr, name)
+            self._const_names[key] = name
+        return name
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs: Any) -> str:
+        """One node with one output; returns the output's name."""
+        name = self.fresh(out or f"{op_type.lower()}")
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=f"n{len(self.nodes)}.{op_type}", **attrs))
+        return name
+
+    # -- integer arithmetic helpers ------------------------------------------------------------
+    def floor_shift(self, x: str, k: Any) -> str:
+        """``floor(x / 2**k)`` of int64 ``x`` of any sign; ``k`` an int or per-channel int array in [0, 62]."""
+        k = np.asarray(k, dtype=np.int64)
+        low = self.op("BitwiseAnd", [x, self.const((np.int64(1) << k) - 1, hint="mask")])
+        return self.op("Div", [self.op("Sub", [x, low]), self.const(np.int64(1) << k, hint="pow2")])
+
+    def round_shift(self, p: str, k: Any) -> str:
+        """``round_half_to_even(p / 2**k)`` of int64 ``p`` (``|p| < 2**62``), ``k`` in [1, 62] (per channel allowed).
+
+        With ``rem = p mod 2**k`` and ``fl = floor(p / 2**k)``: round up exactly when
+        ``rem + (fl & 1) > 2**(k-1)`` (above half, or at half with an odd floor).
+        """
+        k = np.asarray(k, dtype=np.int64)
+        rem = self.op("BitwiseAnd", [p, self.const((np.int64(1) << k) - 1, hint="mask")])
+        fl = self.op("Div", [self.op("Sub", [p, rem]), self.const(np.int64(1) << k, hint="pow2")])
+        odd = self.op("BitwiseAnd", [fl, self.const(1)])
+        up = self.op("Greater", [self.op("Add", [rem, odd]), self.const(np.int64(1) << (k - 1), hint="half")])
+        return self.op("Add", [fl, self.op("Cast", [up], to=I64)])
+
+    def reduce(self, op_type: str, x: str, keepdims: int = 1) -> str:
+        """Reduction over the last axis (opset 18: axes as an input)."""
+        return self.op(op_type, [x, self.const([-1])], keepdims=keepdims)
+
+
+def x0_of(t: float) -> int:
+    """``floor(-1 / t)`` in float64 (the integer that stands for -1 at step ``t``)."""
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"kernel scale must be positive and finite, got {t}")
+    return math.floor(-1.0 / t)
+
+
+def f32(s: Any) -> float:
+    """A per-tensor scale's float32 value as a Python (float64) number."""
+    return float(np.float32(np.asarray(s, dtype=np.float32).reshape(())))
+
+
+def int_exp(em: Emitter, a: str, x0: int, n: int, cap: bool = False) -> str:
+    """Spec ``int_exp`` of int64 ``a`` (``a <= 0``); ``cap``: any sign of ``a``, result ``min(., 2**31 - 1)``.
+
+    For ``a > 0`` the exact value can pass int64; it only enters ShiftGELU's
+    ``min(e1 + e2, 2**31 - 1)``, where the capped value gives the same total.
+    """
+    lim = em.const(n * x0)
+    a = em.op("Max", [a, lim])
+    a = em.op("Sub", [em.op("Add", [a, em.floor_shift(a, 1)]), em.floor_shift(a, 4)])
+    a = em.op("Max", [a, lim])
+    x0c = em.const(x0)
+    r = em.op("Mod", [a, x0c], fmod=0)  # x0 < r <= 0
+    qq = em.op("Div", [em.op("Sub", [a, r]), x0c])  # exact
+    top = 32 if cap else n
+    sh = em.op("Sub", [em.const(n), qq])  # >= 0; above n only for a > 0
+    if cap:
+        sh = em.op("Min", [sh, em.const(top)])  # val * 2**32 / 2 > 2**31 - 1 already
+    pw = em.op("Gather", [em.const([1 << i for i in range(top + 1)], hint="pow2s"), sh])
+    val = em.op("Sub", [r, em.const(2 * x0)])  # >= 1
+    out = em.op("Div", [em.op("Mul", [val, pw]), em.const(2)])  # positive: Div is floor
+    return em.op("Min", [out, em.const(CAP)]) if cap else out
+
+
+def shiftmax(em: Emitter, q: str, s: Any, n: int, out_bits: int, out: str) -> str:
+    """Spec ``shiftmax`` over the last axis: int64 ``q`` -> int64 ``p`` in [0, 2**(out_bits - 1)]."""
+    x0 = x0_of(f32(s))
+    a = em.op("Sub", [q, em.reduce("ReduceMax", q)])
+    e = int_exp(em, a, x0, n)
+    total = em.op("Min", [em.reduce("ReduceSum", e), em.const(CAP)])
+    f = em.op("Div", [em.const(CAP), total])
+    return em.op("Div", [em.op("Mul", [e, f]), em.const(1 << (32 - out_bits))], out=out)
+
+
+def log2_probs(em: Emitter, p: str, out: str) -> str:
+    """``2**(round(log2 p) - 1)`` (0 for ``p <= 1``) of int64 Shiftmax integers ``p`` in [0, 2**15].
+
+    ``round(log2 p) >= j`` exactly when ``p**2 >= 2**(2j - 1)``: the rounded logarithm is the
+    number of thresholds ``p**2`` reaches, and the output a table lookup of it.
+    """
+    sq = em.op("Unsqueeze", [em.op("Mul", [p, p]), em.const([-1])])
+    thr = em.const([1 << (2 * j - 1) for j in range(1, 17)], hint="log2thr")
+    lg = em.op("ReduceSum", [em.op("Cast", [em.op("GreaterOrEqual", [sq, thr])], to=I64), em.const([-1])],
+               keepdims=0)
+    table = em.const([0] + [1 << (j - 1) for j in range(1, 17)], hint="log2tbl")
+    return em.op("Gather", [table, lg], out=out)
+
+
+def shift_gelu(em: Emitter, q: str, s: Any, n: int, sig_bits: int, out: str) -> str:
+    """Spec ``shift_gelu``: int64 ``q`` -> ``q * g`` (int64), sigmoid's maximum over the last axis."""
+    x0 = x0_of(1.702 * f32(s))  # t = 1.702 * s in float64
+    mx = em.reduce("ReduceMax", q)
+    e1 = int_exp(em, em.op("Sub", [q, mx]), x0, n)
+    e2 = int_exp(em, em.op("Neg", [mx]), x0, n, cap=True)
+    total = em.op("Min", [em.op("Add", [e1, e2]), em.const(CAP)])
+    f = em.op("Div", [em.const(CAP), total])
+    g = em.op("Div", [em.op("Mul", [e1, f]), em.const(1 << (32 - sig_bits))])
+    return em.op("Mul", [q, g], out=out)
+
+
+NEWTON_STEPS = 10
+
+
+def layernorm(em: Emitter, q: str, channels: int, b: Any, out: str) -> str:
+    """Spec ``int_layernorm`` steps 1-5 plus the layer's integer bias term ``b`` (int64 per channel)."""
+    c = em.const(channels)
+    tot = em.reduce("ReduceSum", q)
+    r = em.op("Mod", [tot, c], fmod=0)  # in [0, C)
+    fl = em.op("Div", [em.op("Sub", [tot, r]), c])
+    up = em.op("Greater", [em.op("Add", [em.op("Mul", [r, em.const(2)]), em.op("BitwiseAnd", [fl, em.const(1)])]), c])
+    mean = em.op("Add", [fl, em.op("Cast", [up], to=I64)])  # round half to even of tot / C
+    d = em.op("Sub", [q, mean])
+    var = em.reduce("ReduceSum", em.op("Mul", [d, d]))
+    k = em.const(1 << 16)
+    for _ in range(NEWTON_STEPS):  # unrolled integer square root; k >= 1 throughout
+        k = em.op("Div", [em.op("Add", [k, em.op("Div", [var, k])]), em.const(2)])
+    f = em.op("Div", [em.const(CAP), k])
+    y = em.floor_shift(em.op("Mul", [d, f]), 1)
+    return em.op("Add", [y, em.const(np.asarray(b, dtype=np.int64), hint="ln_bias")], out=out)

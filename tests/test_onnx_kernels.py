@@ -1,0 +1,122 @@
+"""The integer kernels spelled in ONNX (ptq.intexec.kernels / graph) against ptq's kernels, on edge inputs.
+
+Each kernel's subgraph runs alone in onnxruntime; its integers must equal ``ptq.quant.ivit`` /
+``ptq.quant.requant`` exactly: all-equal rows, the ends of the integer ranges, zero-variance
+LayerNorm rows, negative values through every shift and division.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from ptq.intexec import kernels
+from ptq.intexec.graph import IR_VERSION, OPSET, OnnxGraph
+from ptq.quant import ivit, requant
+from ptq.quant.symbolic import Sym
+
+
+def _run(build: Callable[[kernels.Emitter, str], str], x: np.ndarray, in_type: int = TensorProto.INT64) -> np.ndarray:
+    """Build ``build(emitter, 'x')`` into a one-input model, check it, run it in onnxruntime."""
+    em = kernels.Emitter()
+    em.fresh("x")
+    em.fresh("result")
+    out = build(em, "x")
+    nodes = [*em.nodes, helper.make_node("Identity", [out], ["result"])]
+    dims = [f"d{i}" for i in range(x.ndim)]
+    graph = helper.make_graph(nodes, "k", [helper.make_tensor_value_info("x", in_type, dims)],
+                              [helper.make_tensor_value_info("result", TensorProto.INT64, dims)],
+                              initializer=list(em.inits.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def _rows(lo: int, hi: int, width: int, seed: int = 0) -> np.ndarray:
+    """Edge rows: all equal (lo, hi, 0, -1), the two extremes, alternating signs, then random rows."""
+    rng = np.random.default_rng(seed)
+    rows = [np.full(width, v) for v in (lo, hi, 0, -1, 1)]
+    rows += [np.array([lo, hi] * (width // 2) + [lo] * (width % 2)), np.full(width, lo // 2), np.full(width, hi // 3)]
+    rows += [np.concatenate([[hi], np.full(width - 1, lo)]), np.concatenate([[lo], np.full(width - 1, hi)])]
+    rows += list(rng.integers(lo, hi + 1, size=(24, width)))
+    rows += list(rng.integers(lo, 0, size=(8, width)))  # all negative
+    return np.stack(rows).astype(np.int64)
+
+
+@pytest.mark.parametrize("s", [0.003, 0.05, 0.37, 2.5])
+@pytest.mark.parametrize("n,out_bits", [(15, 8), (15, 16), (7, 4)])
+def test_shiftmax_matches_the_ptq_kernel(s: float, n: int, out_bits: int) -> None:
+    x = _rows(-128, 127, 37)
+    got = _run(lambda em, v: kernels.shiftmax(em, v, np.float32(s), n, out_bits, "p"), x)
+    want, _ = ivit.shiftmax(torch.from_numpy(x), s, n, out_bits)
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+@pytest.mark.parametrize("s", [0.004, 0.06, 0.9])
+@pytest.mark.parametrize("lo,hi", [(-128, 127), (-8, 7), (-32768, 32767)])
+def test_shift_gelu_matches_the_ptq_kernel(s: float, lo: int, hi: int) -> None:
+    x = _rows(lo, hi, 33, seed=1)
+    got = _run(lambda em, v: kernels.shift_gelu(em, v, np.float32(s), 23, 8, "g"), x)
+    want, _ = ivit.shift_gelu(torch.from_numpy(x), s, 23, 8)
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_int_exp_matches_on_every_input_down_to_the_clip() -> None:
+    for s, n in ((0.05, 15), (0.3, 23), (0.0071, 15)):
+        x0 = kernels.x0_of(float(np.float32(s)))
+        a = -np.arange(0, -n * x0 + 40, dtype=np.int64)
+        got = _run(lambda em, v, x0=x0, n=n: kernels.int_exp(em, v, x0, n), a)
+        np.testing.assert_array_equal(got, ivit.int_exp(torch.from_numpy(a), s, n).numpy())
+
+
+@pytest.mark.parametrize("c", [4, 37, 768])
+def test_layernorm_matches_the_ptq_kernel_including_zero_variance_rows(c: int) -> None:
+    x = _rows(-32768, 32767, c, seed=2)
+    gen = torch.Generator().manual_seed(c)
+    gamma = torch.rand(c, generator=gen) * 2 - 0.5
+    gamma[0] = 0.0  # a zero-gamma channel
+    beta = torch.randn(c, generator=gen)
+    b, _ = ivit.layernorm_bias(gamma, beta, c)
+    got = _run(lambda em, v: kernels.layernorm(em, v, c, b.numpy(), "y"), x)
+    want, _ = ivit.int_layernorm(torch.from_numpy(x), 1.0, gamma, beta)
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_log2_probs_matches_on_every_shiftmax_value() -> None:
+    p = np.arange(0, 2**15 + 1, dtype=np.int64)
+    got = _run(lambda em, v: kernels.log2_probs(em, v, "l"), p)
+    np.testing.assert_array_equal(got, ivit.log2_probs(torch.from_numpy(p))[0].numpy())
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("clamp", [True, False])
+def test_requantize_matches_the_dyadic_requantizer(wide: bool, clamp: bool) -> None:
+    """Per-tensor and per-channel ratios (one negative), ties, and inputs past 2**31 (the two-limb path)."""
+    rng = np.random.default_rng(3)
+    top = 2**40 if wide else 2**31 - 1
+    c = 6
+    q = np.concatenate([rng.integers(-top, top, size=(40, c)), np.full((1, c), -top), np.full((1, c), top),
+                        np.arange(-12, 12).reshape(-1, c) * 2**20]).astype(np.int64)
+    s_in = torch.tensor([2.0**-40, 3e-12, 1e-9, 7.7e-10, -2e-11, 2.0**-33]) if wide else \
+        torch.tensor([0.01, 0.5, 2.0**-3, 3e-3, -0.02, 1.0 / 3])
+    s_out = torch.tensor(0.04)
+    lo, hi = -32768, 32767
+    for s in (s_in, s_in[:1]):
+        g = OnnxGraph()
+        m, e = requant.multiplier(s, s_out)
+        want = requant.apply_dyadic(torch.from_numpy(q), m, e, lo, hi, clamp)
+
+        def build(em: kernels.Emitter, v: str, g: OnnxGraph = g, m: torch.Tensor = m, e: torch.Tensor = e) -> str:
+            g.em = em
+            y = g.requantize(Sym(g, v, (1, c), "int64", -top, top), m, e, lo, hi, clamp, "r")
+            return em.op("Cast", [y.name], to=TensorProto.INT64)
+
+        np.testing.assert_array_equal(_run(build, q), want.numpy())
