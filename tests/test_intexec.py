@@ -1,4 +1,5 @@
-"""Integer-only execution (ptq.intexec): bit-exact against the simulation, integer dtypes, artefact, CLI."""
+"""Integer-only execution (ptq.intexec): the ONNX model equals the simulation bit for bit on onnxruntime,
+holds only integer tensors inside, runs without ptq or torch, and its CLI refuses damaged files."""
 
 from __future__ import annotations
 
@@ -8,21 +9,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, numpy_helper, shape_inference
 
 from conftest import ROOT, small_vit
-from ptq.intexec.build import MATMUL_KINDS, build_program
-from ptq.intexec.interp import INT_DTYPES, ArtefactError, Interpreter, save_program, validate_graph
+from ptq.intexec import artefact
+from ptq.intexec.build import MATMUL_KINDS, build_onnx
 from ptq.intexec.rebuild import save_run_state
-from ptq.intexec.verify import (
-    check_exportable,
-    diff_trace,
-    export_and_verify,
-    main,
-    simulate,
-    verify_program,
-)
+from ptq.intexec.simcheck import simulate
+from ptq.intexec.verify import check_exportable, diff_trace, export_and_verify, main, verify_program
 from ptq.intexec.widths import needed_bits
 from ptq.quant.nonlinear import Backend
 from ptq.quant.quantizers import WeightQuantizer
@@ -62,72 +60,86 @@ def w8a8() -> QuantViT:
     return _calibrate(q, _images(32, seed=0))
 
 
+def _bytes(q: QuantViT, debug: bool = False) -> bytes:
+    return build_onnx(q, debug=debug)[0].SerializeToString()
+
+
 @pytest.mark.parametrize("wbits", [8, 4])
-def test_program_equals_simulation_bit_for_bit(wbits: int, w8a8: QuantViT) -> None:
+def test_onnx_model_equals_simulation_bit_for_bit(wbits: int, w8a8: QuantViT) -> None:
     if wbits == 8:
         q = w8a8
     else:  # W4A8 with AdaRound rounding that is not nearest rounding
         q = QuantViT(small_vit(layers=2, seed=3), QuantSettings(wbits=4, abits=8, backend=Backend("ivit")))
         assert _randomise_adaround(q) > 0.2
         _calibrate(q, _images(32, seed=0))
-    program = build_program(q)
-    weights = [c for c in program.graph["constants"].values() if c["role"] == "weight"]
-    assert weights and all(c["bits"] == wbits and c["dtype"] == "int8" for c in weights)
-    assert all(int(program.tensors[n].abs().max()) <= 2 ** (wbits - 1)
-               for n, c in program.graph["constants"].items() if c["role"] == "weight")
+    model, decl = build_onnx(q)
+    weights = [c for c in decl["constants"].values() if c["role"] == "weight"]
+    assert len(weights) == 2 * 4 + 2 and all(max(-c["min"], c["max"]) <= 2 ** (wbits - 1) for c in weights)
     images = _images(48)
-    res = verify_program(q, program, images, batch_size=24)
-    assert (res["exact"], res["mismatches"], res["n"]) == (True, 0, 48)
+    res = verify_program(q, model, decl, images, batch_size=24)
+    assert (res["exact"], res["mismatches"], res["n"], res["runtime"]) == (True, 0, 48, artefact.runtime())
     # every intermediate the simulation names is equal too, not only the head
-    rows = diff_trace(q, program, images[:8])
+    rows = diff_trace(q, artefact.session(_bytes(q, debug=True)), images[:8])
     assert len(rows) > 30 and all(r["differ"] == 0 for r in rows)
     summary = res["widths"]["summary"]
     assert set(summary["matmuls"]) == set(MATMUL_KINDS)
     assert summary["matmuls"]["qkv"]["layers"] == 2 and summary["all_accumulators_fit_int32"]
-    assert summary["matmuls"]["head"]["max_abs"] > 0
+    assert summary["matmuls"]["head"]["max_abs"] > 0 and summary["over_declared_width"] == []
 
 
-def test_values_between_quantize_and_dequantize_are_integers(w8a8: QuantViT) -> None:
-    program = build_program(w8a8)
-    seen: list[tuple[str, str, torch.dtype]] = []
-    out = Interpreter(program).run(_images(4), hook=lambda op, v: seen.append((op["op"], op["out"], v.dtype)))
-    assert [s[1] for s in seen] == [op["out"] for op in program.ops]
-    assert seen[0][0] == "quantize" and seen[-1][0] == "dequantize"
-    assert all(dtype in INT_DTYPES for _, _, dtype in seen[:-1]), [s for s in seen if s[2] not in INT_DTYPES]
-    assert seen[-1][2] == torch.float32
-    acc, logits = simulate(w8a8, _images(4))
-    assert torch.equal(out["head.fc.acc"], acc) and torch.equal(out["logits"], logits)
+def _types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = shape_inference.infer_shapes(model, strict_mode=True).graph
+    vals = [*inferred.value_info, *inferred.input, *inferred.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in vals}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    return types
 
 
-def test_artefact_reloads_in_a_fresh_process_without_model_code(w8a8: QuantViT, tmp_path: Path) -> None:
-    art = save_program(build_program(w8a8, {"normalisation": {"mean": [0.5] * 3, "std": [0.25] * 3}}), tmp_path / "art")
-    graph = json.loads((art / "program.json").read_text())
-    assert graph["input"]["normalisation"]["std"] == [0.25] * 3
-    req = [op for op in graph["ops"] if op["op"] == "requantize"]
-    assert req and all(isinstance(op["m"], (int, list)) and "e" in op and "clamp_bits" in op for op in req)
-    assert {op["op"] for op in graph["ops"]} >= {"shiftmax", "shift_gelu", "layernorm", "matmul", "linear"}
-    validate_graph(graph)
-    with pytest.raises(ArtefactError, match="not defined before"):
-        validate_graph({**graph, "ops": graph["ops"][1:]})
+def test_no_float_tensor_between_the_input_quantizer_and_the_dequantization(w8a8: QuantViT) -> None:
+    model, _ = build_onnx(w8a8)
+    onnx.checker.check_model(model, full_check=True)
+    assert {o.domain for o in model.opset_import} == {""} and all(n.domain == "" for n in model.graph.node)
+    types = _types(model)
+    floats = [n for n in model.graph.node if any(types[o] == TensorProto.FLOAT for o in n.output)]
+    # the input quantizer (Div, Round, Clip), the dequantization (Cast, Mul) and the logits output
+    assert [n.op_type for n in floats] == ["Div", "Round", "Clip", "Cast", "Mul", "Identity"]
+    assert floats[0].input[0] == "image" and floats[3].input[0] == "head.fc.acc"
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulInteger") == 1 + 2 * 6 + 1 and "MatMul" not in ops and "Gemm" not in ops
+    assert not {"Softmax", "Erf", "Gelu", "LayerNormalization", "Sqrt", "Exp", "Pow"} & set(ops)
+    # dynamic batch: one model for any N
+    sess = artefact.session(model.SerializeToString())
+    for n in (1, 5):
+        logits, acc = sess.run(["logits", "logits_int"], {"image": _images(n).numpy()})
+        want_acc, want = simulate(w8a8, _images(n))
+        assert np.array_equal(acc, want_acc.numpy()) and np.array_equal(logits, want.numpy())
+
+
+def test_model_runs_with_onnxruntime_and_numpy_alone(w8a8: QuantViT, tmp_path: Path) -> None:
+    model, decl = build_onnx(w8a8, {"normalisation": {"mean": [0.5] * 3, "std": [0.25] * 3}})
+    path = artefact.save_model(model, decl, tmp_path / "art")
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["ptq"])["input"]["normalisation"]["std"] == [0.25] * 3
     images = _images(8)
-    torch.save(images, tmp_path / "images.pt")
+    np.save(tmp_path / "images.npy", images.numpy())
     script = textwrap.dedent(f"""
-        import sys, torch
-        from ptq.intexec.interp import Interpreter, load_program
-        logits = Interpreter(load_program({str(art)!r})).logits(torch.load({str(tmp_path / 'images.pt')!r}))
-        torch.save(logits, {str(tmp_path / 'logits.pt')!r})
-        loaded = [m for m in ("torchvision", "ptq.quant.vit", "ptq.quant.quantizers", "ptq.intexec.build") if m in sys.modules]
+        import sys, numpy as np, onnxruntime as ort
+        sess = ort.InferenceSession({str(path)!r}, providers=["CPUExecutionProvider"])
+        logits, acc = sess.run(["logits", "logits_int"], {{"image": np.load({str(tmp_path / 'images.npy')!r})}})
+        np.save({str(tmp_path / 'logits.npy')!r}, logits)
+        assert acc.dtype == np.int32 and logits.dtype == np.float32
+        loaded = [m for m in ("torch", "ptq") if m in sys.modules]
         assert not loaded, loaded
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     _, expected = simulate(w8a8, images)
-    assert torch.equal(torch.load(tmp_path / "logits.pt").view(torch.int32), expected.view(torch.int32))
+    assert np.array_equal(np.load(tmp_path / "logits.npy").view(np.int32), expected.numpy().view(np.int32))
 
 
 def test_export_and_verify_and_the_cli(compose_cfg, tmp_path: Path, capsys: pytest.CaptureFixture,
                                        caplog: pytest.LogCaptureFixture) -> None:
-    """A W4A8 AdaRound run dir on the tiny-digits architecture (random weights): exact, then tampered."""
+    """A W4A8 AdaRound run dir on the tiny-digits architecture (random weights): exact, wrong, then damaged."""
     from ptq.models.tiny import build_tiny_vit
     from ptq.models.zoo import load_model
     from ptq.runspec import settings_of
@@ -151,23 +163,34 @@ def test_export_and_verify_and_the_cli(compose_cfg, tmp_path: Path, capsys: pyte
         save_run_state(q, cfg, run, q(first))  # the run's own logits: the rebuilt model must reproduce them
     res = export_and_verify(q, cfg, run, _images(8, size=24), batch_size=4)
     assert (res["exact"], res["mismatches"], res["n"]) == (True, 0, 8)
-    assert (run / "intexec" / "widths.json").is_file() and res["widths"]["all_accumulators_fit_int32"]
+    art = run / "intexec"
+    assert (art / "widths.json").is_file() and res["widths"]["all_accumulators_fit_int32"]
+    assert res["bytes"] == (art / "model.onnx").stat().st_size and res["runtime"].startswith("onnxruntime ")
 
-    assert main([str(run), "--images", "4"]) == 0  # rebuilds from quant_state.pt (AdaRound), verifies the artefact
-    assert capsys.readouterr().out.strip() == "mismatches=0/4"
-    graph_file = run / "intexec" / "program.json"
-    graph = json.loads(graph_file.read_text())
-    op = next(o for o in graph["ops"] if o["out"] == "head.ln_q")
-    op["e"] = [e - 1 for e in op["e"]]  # doubles the final LayerNorm's requantization
-    graph_file.write_text(json.dumps(graph))
+    assert main([str(run), "--images", "4"]) == 0  # rebuilds from quant_state.pt (AdaRound), verifies the file
+    assert capsys.readouterr().out.strip() == f"mismatches=0/4  ({artefact.runtime()})"
+    # a wrong model (one bias off by one, checksum rewritten): mismatches, and the first diverging tensor named
+    model = onnx.load(str(art / "model.onnx"))
+    nodes = {n.output[0]: n for n in model.graph.node}
+    add = nodes[nodes["blocks.0.mlp.fc2.acc"].input[0]]  # the bias add of that layer
+    bias = next(i for i in model.graph.initializer if i.name == add.input[1])
+    model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(bias) + 5, "wrong_bias"))
+    add.input[1] = "wrong_bias"
+    artefact.save_model(model, json.loads((art / "manifest.json").read_text()), art)
     assert main([str(run), "--images", "4"]) == 1
-    k, n = capsys.readouterr().out.strip().removeprefix("mismatches=").split("/")
+    k, n = capsys.readouterr().out.split()[0].removeprefix("mismatches=").split("/")
     assert int(k) > 0 and int(n) == 4
-    tensors = run / "intexec" / "tensors.safetensors"
-    data = bytearray(tensors.read_bytes())
-    data[-1] ^= 0xFF  # one bit pattern of one constant
-    tensors.write_bytes(bytes(data))
-    assert main([str(run), "--images", "4"]) == 2  # checksum mismatch: refused before running
+    assert "first diverging tensors: [{'tensor': 'blocks.0.mlp.fc2.acc'" in caplog.text
+    # a damaged file: refused in one line before anything runs
+    data = bytearray((art / "model.onnx").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    (art / "model.onnx").write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "ptq.intexec", str(run)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
+    assert proc.returncode == 2 and proc.stdout == "" and len(errors) == 1, proc.stderr[-2000:]
+    assert "model.onnx: damaged" in errors[0] and "--reexport" in errors[0]
+    assert main([str(run), "--images", "4", "--reexport"]) == 0  # written again, exact again
     # the module entry point exits with main's status (here: a run dir without quant_state.pt)
     proc = subprocess.run([sys.executable, "-m", "ptq.intexec", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
@@ -179,11 +202,14 @@ def test_export_and_verify_and_the_cli(compose_cfg, tmp_path: Path, capsys: pyte
     assert "does not reproduce the run's logits" in caplog.text
 
 
-def test_program_equals_simulation_at_wide_activations() -> None:
+def test_onnx_model_equals_simulation_at_wide_activations() -> None:
+    """A16 activations: int32 MatMul instead of MatMulInteger, wide requantization and ShiftGELU paths."""
     st = QuantSettings(wbits=8, abits=16, backend=Backend("ivit", gelu_sig_bits=16))
     q = _calibrate(QuantViT(small_vit(layers=2), st), _images(32, seed=0))
-    rows = diff_trace(q, build_program(q), _images(32))
-    assert [r for r in rows if r["differ"]] == []
+    model = build_onnx(q, debug=True)[0]
+    assert "MatMul" in [n.op_type for n in model.graph.node]
+    rows = diff_trace(q, artefact.session(model.SerializeToString()), _images(32))
+    assert len(rows) > 30 and [r for r in rows if r["differ"]] == []
 
 
 def test_refuses_models_that_are_not_integer_only(compose_cfg) -> None:
@@ -191,7 +217,7 @@ def test_refuses_models_that_are_not_integer_only(compose_cfg) -> None:
 
     q = _calibrate(QuantViT(small_vit(layers=1), QuantSettings(backend=Backend("fp"))), _images(4))
     with pytest.raises(ValueError, match="ivit"):
-        build_program(q)
+        build_onnx(q)
     with pytest.raises(ConfigError, match="quant_io"):
         check_exportable(compose_cfg("nonlinear=ivit", "aquant.quant_io=false"))
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import onnxruntime
 import pytest
 
 from conftest import ROOT
@@ -38,7 +39,7 @@ def test_a_finished_adaround_ivit_run_verifies_without_export(tmp_path: Path) ->
     assert not (run / "intexec").exists() and metrics["quant_state_kB"] > 0
     proc = _ptq("ptq.intexec", str(run))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == f"mismatches=0/{metrics['n_eval']}"
+    assert proc.stdout.strip() == f"mismatches=0/{metrics['n_eval']}  (onnxruntime {onnxruntime.__version__})"
 
 
 def test_unverifiable_runs_say_why_in_one_line(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""``python -m ptq.intexec RUN_DIR``: export and verify a finished run's integer program."""
+"""``python -m ptq.intexec RUN_DIR``: export and verify a finished run's integer ONNX model."""
 
 import sys
 

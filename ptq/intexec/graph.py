@@ -95,6 +95,7 @@ class OnnxGraph:
              **attrs: Any) -> Sym:
         x: Sym = inputs[0]
         em = self.em
+        em.scope = f"shape:{x.name}"
         if op == "Reshape":
             out = em.op("Reshape", [x.name, em.const(list(attrs["target"]))])
         elif op == "Transpose":
@@ -115,6 +116,7 @@ class OnnxGraph:
     # -- integer operations ---------------------------------------------------------------------
     def quantize(self, x: Sym, s: Tensor, lo: int, hi: int, name: str) -> Sym:
         """Float image -> integers: ``clamp(round_half_even(x / s))`` in float32, the one float op before the integers."""
+        self.em.scope = f"quantize:{name}"
         em = self.em
         sc = em.const(np.float32(s.detach().cpu().reshape(()).item()), np.float32, hint="in_scale")
         r = em.op("Round", [em.op("Div", [x.name, sc])])
@@ -125,6 +127,7 @@ class OnnxGraph:
 
     def requantize(self, x: Sym, m: Tensor, e: Tensor, lo: int, hi: int, clamp: bool, name: str) -> Sym:
         """Spec "requantize": ``round_half_to_even(q * m / 2**e)``, clamped to ``[lo, hi]`` when ``clamp``."""
+        self.em.scope = f"requant:{name}"
         em = self.em
         m64, e64 = _ints(m).reshape(-1), _ints(e).reshape(-1)
         top = np.abs(m64) == 2**31  # (2**31, e) -> (2**30, e - 1): the same ratio, |m| < 2**31
@@ -181,6 +184,7 @@ class OnnxGraph:
 
     def add(self, a: Sym, b: Sym | Tensor, lo: int, hi: int, name: str) -> Sym:
         """Residual add: two unclamped operands (or one and a folded constant) added, clamped once."""
+        self.em.scope = f"residual:{name}"
         em = self.em
         if isinstance(b, Sym):
             bn = self._cast(b, I64)
@@ -230,6 +234,7 @@ class OnnxGraph:
 
     def linear(self, x: Sym, w: Tensor, b: Tensor | None, name: str, kind: str) -> Sym:
         """``x @ W^T + b`` into an INT32 accumulator (int64 only if the bound could pass 2**31)."""
+        self.em.scope = f"gemm:{name}"
         wi = _ints(w)
         if wi.min() < -128 or wi.max() > 127:
             raise ValueError(f"{name}: weights are not 8-bit integers")
@@ -251,6 +256,7 @@ class OnnxGraph:
 
     def matmul(self, a: Sym, b: Sym, name: str, kind: str) -> Sym:
         """Attention's ``q @ k^T`` / ``probs @ v`` between two activations."""
+        self.em.scope = f"gemm:{name}"
         acc, bound, dt = self._matmul(a, b, a.shape[-1], b.bound)
         acc = self.em.op("Identity", [acc], out=name)
         shape = (*a.shape[:-1], b.shape[-1])
@@ -258,22 +264,29 @@ class OnnxGraph:
 
     # -- kernels --------------------------------------------------------------------------------
     def shiftmax(self, x: Sym, s: Tensor, n: int, out_bits: int, name: str) -> Sym:
+        self.em.scope = f"shiftmax:{name}"
         p = kernels.shiftmax(self.em, self._cast(x, I64), s.detach().cpu().numpy(), n, out_bits, name + ".i64")
         p = self.em.op("Cast", [p], out=name, to=I32)
         top = 2 ** (out_bits - 1)
         return self._out(p, x.shape, "int32", 0, top, kind="activation", bits=out_bits, signed=False)
 
     def log2_probs(self, p: Sym, name: str) -> Sym:
+        self.em.scope = f"shiftmax:{name}"
         y = kernels.log2_probs(self.em, self._cast(p, I64), name + ".i64")
         y = self.em.op("Cast", [y], out=name, to=I32)
         return self._out(y, p.shape, "int32", 0, 2**14, kind="activation", bits=15, signed=False)
 
     def shift_gelu(self, x: Sym, s: Tensor, n: int, sig_bits: int, name: str) -> Sym:
-        y = kernels.shift_gelu(self.em, self._cast(x, I64), s.detach().cpu().numpy(), n, sig_bits, name)
-        b = x.bound * 2 ** (sig_bits - 1)
+        self.em.scope = f"shiftgelu:{name}"
+        s32 = s.detach().cpu().numpy()
+        y = kernels.shift_gelu(self.em, self._cast(x, I64), s32, n, sig_bits, name)
+        # g <= 2**(sig_bits - 1) unless e1 alone passes 2**31 - 1 (then f = 1 and g = e1 >> (32 - sig_bits))
+        e1_max = -kernels.x0_of(1.702 * kernels.f32(s32)) << n
+        b = x.bound * max(2 ** (sig_bits - 1), e1_max >> (32 - sig_bits))
         return self._out(y, x.shape, "int64", -b, b, kind="gelu", bits=ACC_BITS, signed=True)
 
     def layernorm(self, x: Sym, b: Tensor, name: str) -> Sym:
+        self.em.scope = f"layernorm:{name}"
         bi = _ints(b)
         self.constants[name + ".bias"] = {"role": "layernorm_bias", "dtype": "int64", "min": int(bi.min()),
                                           "max": int(bi.max())}
@@ -284,6 +297,7 @@ class OnnxGraph:
 
     def dequantize(self, x: Sym, s: Tensor) -> Sym:
         """Float32 accumulator times its float32 scale (per channel): the logits."""
+        self.em.scope = "dequantize:logits"
         sc = self.em.const(s.detach().cpu().float().numpy(), np.float32, hint="out_scale")
         return Sym(self, self.em.op("Mul", [x.name, sc]), x.shape, "float32", 0, 0)
 

@@ -6,9 +6,9 @@ verifier on every eval image), so a bug in one is not silently shared by the oth
 
 ONNX semantics that shape the spelling (onnxruntime's CPU kernels):
 
-* integer ``Div`` truncates toward zero; a floor shift of a possibly negative ``x`` is
-  ``(x - (x & (2**k - 1))) / 2**k`` (an exact division), and where the operands' signs are
-  known (both positive, or ``x <= 0`` over ``x0 < 0``) ``Div`` is floor already;
+* integer ``Div`` truncates toward zero (floor where both operands are known positive) and is
+  slow in int64; a floor shift of a possibly negative ``x`` is a logical ``BitShift`` of
+  ``x + 2**62`` (:meth:`Emitter.floor_shift`);
 * ``Mod`` with ``fmod=0`` has Python semantics (result takes the divisor's sign);
 * ``BitShift`` takes unsigned types only, so ``2**k`` for a data-dependent ``k`` is a
   table ``Gather``.
@@ -37,6 +37,7 @@ class Emitter:
         self.inits: dict[str, onnx.TensorProto] = {}
         self._const_names: dict[tuple, str] = {}
         self._used: set[str] = set()
+        self.scope = "graph"  # "<role>:<tensor>" of the op being spelled: node names carry it (profiles)
 
     def fresh(self, hint: str) -> str:
         """A value name not used before, ``hint`` when it is free."""
@@ -60,25 +61,33 @@ class Emitter:
     def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs: Any) -> str:
         """One node with one output; returns the output's name."""
         name = self.fresh(out or f"{op_type.lower()}")
-        self.nodes.append(helper.make_node(op_type, inputs, [name], name=f"n{len(self.nodes)}.{op_type}", **attrs))
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=f"{self.scope}/{len(self.nodes)}.{op_type}",
+                                           **attrs))
         return name
 
     # -- integer arithmetic helpers ------------------------------------------------------------
     def floor_shift(self, x: str, k: Any) -> str:
-        """``floor(x / 2**k)`` of int64 ``x`` of any sign; ``k`` an int or per-channel int array in [0, 62]."""
+        """``floor(x / 2**k)`` of int64 ``x`` (``|x| < 2**62``) of any sign; ``k`` an int or per-channel array in [0, 62].
+
+        ``BitShift`` is unsigned only, and int64 ``Div`` is a slow hardware division, so the shift
+        is arithmetic by an offset: ``x + 2**62`` is non-negative, its logical shift by ``k`` is
+        ``floor(x / 2**k) + 2**(62 - k)``.
+        """
         k = np.asarray(k, dtype=np.int64)
-        low = self.op("BitwiseAnd", [x, self.const((np.int64(1) << k) - 1, hint="mask")])
-        return self.op("Div", [self.op("Sub", [x, low]), self.const(np.int64(1) << k, hint="pow2")])
+        u = self.op("Cast", [self.op("Add", [x, self.const(np.int64(1) << 62, hint="off62")])], to=TensorProto.UINT64)
+        sh = self.op("Cast", [self.op("BitShift", [u, self.const(k.astype(np.uint64), np.uint64, hint="k")],
+                                      direction="RIGHT")], to=I64)
+        return self.op("Sub", [sh, self.const(np.int64(1) << (62 - k), hint="off")])
 
     def round_shift(self, p: str, k: Any) -> str:
         """``round_half_to_even(p / 2**k)`` of int64 ``p`` (``|p| < 2**62``), ``k`` in [1, 62] (per channel allowed).
 
-        With ``rem = p mod 2**k`` and ``fl = floor(p / 2**k)``: round up exactly when
+        With ``fl = floor(p / 2**k)`` and ``rem = p - fl * 2**k``: round up exactly when
         ``rem + (fl & 1) > 2**(k-1)`` (above half, or at half with an odd floor).
         """
         k = np.asarray(k, dtype=np.int64)
+        fl = self.floor_shift(p, k)
         rem = self.op("BitwiseAnd", [p, self.const((np.int64(1) << k) - 1, hint="mask")])
-        fl = self.op("Div", [self.op("Sub", [p, rem]), self.const(np.int64(1) << k, hint="pow2")])
         odd = self.op("BitwiseAnd", [fl, self.const(1)])
         up = self.op("Greater", [self.op("Add", [rem, odd]), self.const(np.int64(1) << (k - 1), hint="half")])
         return self.op("Add", [fl, self.op("Cast", [up], to=I64)])

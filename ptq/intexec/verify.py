@@ -1,12 +1,12 @@
-"""Export a run's integer program and check it against the fake-quant simulation, bit for bit.
+"""Export a run's integer ONNX model and check it on onnxruntime against the simulation, bit for bit.
 
-``export_and_verify`` is what the pipeline calls at the end of a run with
-``export=true``; ``python -m ptq.intexec RUN_DIR`` does the same for any finished
-``nonlinear=ivit`` run, rebuilding its quantized model from ``quant_state.pt``
-(``ptq.intexec.rebuild``; checked against the run's own logits first), reusing an
-artefact already in ``RUN_DIR/intexec`` (so a tampered one is caught), and prints
-``mismatches=K/N`` (exit status 0 only when K is 0). ``--runs DIR`` does this for every
-run under a sweep dir.
+``export_and_verify`` is what the pipeline calls at the end of a run with ``export=true``;
+``python -m ptq.intexec RUN_DIR`` does the same for any finished ``nonlinear=ivit`` run,
+rebuilding its quantized model from ``quant_state.pt`` (``ptq.intexec.rebuild``; checked
+against the run's own logits first), reusing a ``model.onnx`` already in ``RUN_DIR/intexec``
+(checked against its manifest's sha256, so a damaged one is refused), and prints
+``mismatches=K/N`` (exit status 0 only when K is 0). ``--runs DIR`` does this for every run
+under a sweep dir.
 """
 
 from __future__ import annotations
@@ -19,17 +19,21 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ptq.intexec.build import build_program
-from ptq.intexec.interp import GRAPH_FILE, ArtefactError, Interpreter, Program, load_program, save_program
+from ptq.atomic import atomic_path
+from ptq.intexec import artefact
+from ptq.intexec.artefact import MODEL_FILE, ArtefactError
+from ptq.intexec.build import HEAD_ACC, INPUT, OUTPUT, OUTPUT_INT, build_onnx
 from ptq.intexec.rebuild import NotReproduced, NotVerifiable, check_fingerprint, load_run_model
+from ptq.intexec.simcheck import capture, simulate
 from ptq.intexec.widths import WidthRecorder
-from ptq.quant import audit
 from ptq.quant.vit import QuantViT
 from ptq.rundir import find_run_dirs
 from ptq.runspec import eval_set
@@ -85,87 +89,69 @@ def _batches(images: Images, batch_size: int) -> Iterator[Tensor]:
 # ----------------------------------------------------------------------------- checking
 
 
-@torch.no_grad()
-def simulate(qmodel: QuantViT, image: Tensor) -> tuple[Tensor, Tensor]:
-    """The simulation's head accumulator (int64, exact integers) and logits for one batch."""
-    got: list[Tensor] = []
-    handle = qmodel.head.fc.register_forward_hook(lambda mod, args, out: got.append(out.v))
-    try:
-        dev = next(qmodel.parameters()).device
-        logits = qmodel(image.to(dev))
-    finally:
-        handle.remove()
-    acc = got[0]
-    if not bool((acc == acc.round()).all()):
-        raise ValueError("the simulation's head accumulator is not integer (not an integer-only model?)")
-    return acc.to(torch.int64).cpu(), logits.float().cpu()
-
-
 def _same_bits(a: Tensor, b: Tensor) -> Tensor:
     """Per row: float32 tensors equal bit for bit."""
     return (a.contiguous().view(torch.int32) == b.contiguous().view(torch.int32)).all(-1)
 
 
-class _Capture(audit.RangeAudit):
-    """Audit recorder that keeps the simulation's named integer tensors (last batch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tensors: dict[str, Tensor] = {}
-
-    def record(self, name: str, q: Tensor, bits: int, signed: bool) -> None:
-        self.tensors[name] = q.detach().cpu()
+def _feed(x: Tensor) -> dict[str, np.ndarray]:
+    return {INPUT: x.detach().float().cpu().contiguous().numpy()}
 
 
-@torch.no_grad()
-def diff_trace(qmodel: QuantViT, program: Program, image: Tensor) -> list[dict[str, Any]]:
-    """Per program value the simulation also names: how many elements differ (first divergence locates a bug)."""
-    cap = _Capture()
-    with audit.active(cap):
-        qmodel(image.to(next(qmodel.parameters()).device))
-    env = Interpreter(program).run(image, keep=True)
+def diff_trace(qmodel: QuantViT, debug: Any, image: Tensor) -> list[dict[str, Any]]:
+    """Per named integer value, in graph order: how many elements the ONNX model and the simulation
+    disagree on (the first row with ``differ > 0`` is the first diverging tensor). ``debug``: a session
+    over the debug export (every named value an output)."""
+    sim = capture(qmodel, image)
+    names = [o.name for o in debug.get_outputs()]
     rows = []
-    for op in program.ops:
-        name = op["out"]
-        if name not in cap.tensors:
+    for name, got in zip(names, debug.run(None, _feed(image)), strict=True):
+        if name not in sim:
             continue
-        sim, got = cap.tensors[name], env[name]
-        if sim.shape != got.shape:
-            rows.append({"tensor": name, "differ": -1, "of": got.numel(), "note": f"shape {tuple(sim.shape)}"})
+        want = sim[name].double().numpy()
+        if want.shape != got.shape:
+            rows.append({"tensor": name, "differ": -1, "of": got.size, "note": f"shape {want.shape} vs {got.shape}"})
             continue
-        sim = sim.to(torch.int64) if sim.is_floating_point() else sim
-        rows.append({"tensor": name, "differ": int((sim != got).sum()), "of": got.numel(),
-                     "max_abs_diff": int((sim - got).abs().max()) if got.numel() else 0})
+        diff = want != got.astype(np.float64)
+        rows.append({"tensor": name, "differ": int(diff.sum()), "of": int(got.size),
+                     "max_abs_diff": float(np.abs(want - got).max()) if got.size else 0.0})
     return rows
 
 
-def verify_program(qmodel: QuantViT, program: Program, images: Images, batch_size: int = BATCH_SIZE,
-                   keep_logits: bool = False) -> dict[str, Any]:
-    """Run the simulation and the integer program on every image; count images whose outputs differ.
+def verify_program(qmodel: QuantViT, model: onnx.ModelProto, decl: dict[str, Any], images: Images,
+                   batch_size: int = BATCH_SIZE, keep_logits: bool = False) -> dict[str, Any]:
+    """Run the simulation and the ONNX model (onnxruntime) on every image; count images whose outputs differ.
 
-    An image mismatches when its head accumulator (exact integers) or its logits
-    (float32, bit for bit after the identical dequantization) differ.
+    An image mismatches when ``logits_int`` (exact integers) or ``logits`` (float32, bit for bit
+    after the identical dequantization) differ. The widths report comes from the same model with
+    its named integer values (``decl``) exposed as outputs, run on the same images; on a mismatch
+    it also names the first diverging tensors.
     """
-    interp = Interpreter(program)
-    rec = WidthRecorder(program.graph)
-    acc_name, out_name = program.graph["output"]["accumulator"], program.graph["output"]["name"]
+    sess = artefact.session(model.SerializeToString())
+    debug = artefact.session(artefact.with_outputs(model, list(decl["values"])).SerializeToString())
+    names = [o.name for o in debug.get_outputs()]
+    rec = WidthRecorder(decl)
     n = bad = 0
     first_bad: Tensor | None = None
     sim_logits: list[Tensor] = []
-    for x in tqdm(_batches(images, batch_size), desc="intexec verify", unit="batch", leave=False):
+    for x in tqdm(_batches(images, batch_size), desc="intexec verify (onnxruntime)", unit="batch", leave=False):
         acc_sim, logits_sim = simulate(qmodel, x)
         if keep_logits:
             sim_logits.append(logits_sim)
-        out = interp.run(x, hook=rec)
-        ok = (out[acc_name] == acc_sim).all(-1) & _same_bits(out[out_name], logits_sim)
+        feed = _feed(x)
+        logits, acc = sess.run([OUTPUT, OUTPUT_INT], feed)
+        ok = (torch.from_numpy(acc).to(torch.int64) == acc_sim).all(-1) & _same_bits(torch.from_numpy(logits),
+                                                                                       logits_sim)
+        named = dict(zip(names, debug.run(None, feed), strict=True))
+        rec.update({**named, HEAD_ACC: acc}, int(x.shape[0]))
         n += int(ok.numel())
         bad += int((~ok).sum())
         if first_bad is None and not bool(ok.all()):
             first_bad = x[~ok][:8]
     if first_bad is not None:
-        rows = [r for r in diff_trace(qmodel, program, first_bad) if r["differ"]]
-        log.error("integer program differs from the simulation; first diverging tensors: %s", rows[:5])
-    res = {"exact": bad == 0, "mismatches": bad, "n": n, "widths": rec.report(program.tensors)}
+        rows = [r for r in diff_trace(qmodel, debug, first_bad) if r["differ"]]
+        log.error("the ONNX model differs from the simulation; first diverging tensors: %s", rows[:5])
+    res = {"exact": bad == 0, "mismatches": bad, "n": n, "runtime": artefact.runtime(), "widths": rec.report()}
     if keep_logits:  # the simulated logits (``verify_run`` checks them against the run's fingerprint)
         res["logits"] = torch.cat(sim_logits) if sim_logits else torch.empty(0)
     return res
@@ -181,28 +167,46 @@ def _log_widths(widths: dict[str, Any]) -> None:
                     "; ".join(s["over_declared_width"][:10]))
 
 
-def _check_and_report(qmodel: QuantViT, art: Path, images: Images, batch_size: int) -> dict[str, Any]:
-    program = load_program(art)
-    res = verify_program(qmodel, program, images, batch_size)
-    (art / WIDTHS_FILE).write_text(json.dumps(res["widths"], indent=1))
-    _log_widths(res["widths"])
-    return res
+def _write_widths(art: Path, widths: dict[str, Any]) -> None:
+    with atomic_path(art / WIDTHS_FILE) as tmp:
+        tmp.write_text(json.dumps(widths, indent=1))
+    _log_widths(widths)
+
+
+def export(qmodel: QuantViT, cfg: Any, art: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Build the run's integer ONNX model, write it (with its manifest) into ``art``; returns it and its declarations."""
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg}
+    model, decl = build_onnx(qmodel, input_spec_of(cfg), meta)
+    artefact.save_model(model, decl, art)
+    return model, decl
+
+
+def load(art: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """``art/model.onnx`` after its checksum (ArtefactError when damaged or unreadable), and its declarations."""
+    manifest = artefact.load_manifest(art)
+    try:
+        model = onnx.load(str(art / MODEL_FILE))
+    except Exception as exc:  # protobuf decode errors
+        raise ArtefactError(f"{art / MODEL_FILE}: not an ONNX model ({exc.__class__.__name__}); "
+                            "rerun with --reexport to write it again") from exc
+    return model, manifest
 
 
 def export_and_verify(qmodel: QuantViT, cfg: Any, run_dir: Path | str, images: Images,
                       batch_size: int = BATCH_SIZE) -> dict[str, Any]:
-    """Export ``run_dir/intexec`` (program, tensors, widths.json), reload it, check it on ``images``.
+    """Write ``run_dir/intexec/model.onnx``, check it on ``images`` in onnxruntime, write ``widths.json``.
 
-    Returns ``{exact, mismatches, n, artefact, widths}`` with the widths summary (the
-    full report is ``widths.json``), for ``metrics["intexec"]``.
+    Returns ``{exact, mismatches, n, runtime, artefact, bytes, widths}`` with the widths summary
+    (the full report is ``widths.json``), for ``metrics["intexec"]``.
     """
     art = Path(run_dir) / ARTEFACT_DIR
-    meta = {"config": OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg}
-    save_program(build_program(qmodel, input_spec_of(cfg), meta), art)
-    res = _check_and_report(qmodel, art, images, batch_size)
-    log.info("integer program vs simulation: mismatches=%d/%d", res["mismatches"], res["n"])
-    return {"exact": res["exact"], "mismatches": res["mismatches"], "n": res["n"], "artefact": str(art),
-            "widths": res["widths"]["summary"]}
+    export(qmodel, cfg, art)
+    model, manifest = load(art)  # what was written, read back
+    res = verify_program(qmodel, model, manifest, images, batch_size)
+    _write_widths(art, res["widths"])
+    log.info("ONNX model on %s vs simulation: mismatches=%d/%d", res["runtime"], res["mismatches"], res["n"])
+    return {"exact": res["exact"], "mismatches": res["mismatches"], "n": res["n"], "runtime": res["runtime"],
+            "artefact": str(art / MODEL_FILE), "bytes": manifest["bytes"], "widths": res["widths"]["summary"]}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -210,27 +214,30 @@ def export_and_verify(qmodel: QuantViT, cfg: Any, run_dir: Path | str, images: I
 
 def verify_run(run_dir: Path, out: Path | None = None, reexport: bool = False, images: int | None = None,
                batch_size: int = BATCH_SIZE, write: bool = True) -> dict[str, Any]:
-    """Rebuild a finished run's model, export (unless an artefact exists) and verify it.
+    """Rebuild a finished run's model, export it (unless a model is there) and verify it on onnxruntime.
 
-    ``write=False`` checks an in-memory program where the run dir holds none (``--runs``
-    leaves sweep dirs as they were). Raises NotVerifiable (one line: why, what to do) and
-    ArtefactError for a broken artefact.
+    An existing ``model.onnx`` is checked against its manifest's sha256 first (ArtefactError when
+    damaged). ``write=False`` checks an in-memory model where the run dir holds none (``--runs``
+    leaves sweep dirs as they were). Raises NotVerifiable (one line: why, what to do).
     """
-    qmodel, cfg, check = load_run_model(run_dir)
     art = out or run_dir / ARTEFACT_DIR
-    if reexport or not (art / GRAPH_FILE).is_file():
-        program = build_program(qmodel, input_spec_of(cfg), {"config": OmegaConf.to_container(cfg, resolve=True)})
+    existing = not reexport and (art / MODEL_FILE).is_file()
+    if existing:  # a damaged file is refused before the model is rebuilt
+        log.info("verifying the existing model %s", art / MODEL_FILE)
+        model, decl = load(art)
+    qmodel, cfg, check = load_run_model(run_dir)
+    if not existing:
         if write:
-            save_program(program, art)
-            program = load_program(art)
-    else:
-        log.info("verifying the existing artefact %s", art)
-        program = load_program(art)
-    res = verify_program(qmodel, program, eval_images(cfg, images), batch_size, keep_logits=True)
+            export(qmodel, cfg, art)
+            model, decl = load(art)
+        else:
+            model, decl = build_onnx(qmodel, input_spec_of(cfg))
+    res = verify_program(qmodel, model, decl, eval_images(cfg, images), batch_size, keep_logits=True)
     check_fingerprint(res.pop("logits"), check, run_dir)
     if write:
-        (art / WIDTHS_FILE).write_text(json.dumps(res["widths"], indent=1))
-    _log_widths(res["widths"])
+        _write_widths(art, res["widths"])
+    else:
+        _log_widths(res["widths"])
     return {**res, "name": cfg.get("name")}
 
 
@@ -258,7 +265,7 @@ def _verify_all(top: Path, batch_size: int) -> int:
         verified += 1
         bad, n = bad + res["mismatches"], n + res["n"]
         failed += int(not res["exact"])
-        print(f"mismatches={res['mismatches']}/{res['n']}  {d.as_posix()}")
+        print(f"mismatches={res['mismatches']}/{res['n']}  {d.as_posix()}  ({res['runtime']})")
     print(f"total: mismatches={bad}/{n} over {verified} verified run(s), {len(dirs) - verified} not verified")
     if failed:
         return 1
@@ -270,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ptq.intexec", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path, nargs="?", help="a finished nonlinear=ivit run dir")
     ap.add_argument("--runs", type=Path, metavar="DIR", help="verify every run under DIR (e.g. a multirun sweep dir)")
-    ap.add_argument("--out", type=Path, default=None, help="artefact dir (default RUN_DIR/intexec)")
-    ap.add_argument("--reexport", action="store_true", help="rebuild the artefact even if one exists")
+    ap.add_argument("--out", type=Path, default=None, help="model dir (default RUN_DIR/intexec)")
+    ap.add_argument("--reexport", action="store_true", help="export model.onnx again even if one exists")
     ap.add_argument("--images", type=int, default=None, help="check only the first N eval images")
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     args = ap.parse_args(argv)
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except (NotVerifiable, ArtefactError) as exc:
         log.error("%s", exc)
         return 2
-    print(f"mismatches={res['mismatches']}/{res['n']}")
+    print(f"mismatches={res['mismatches']}/{res['n']}  ({res['runtime']})")
     return 0 if res["exact"] else 1
 
 

@@ -1,19 +1,18 @@
-"""Range report of an integer program: largest integers seen against declared widths.
+"""Range report of the integer model: the largest integers each value reached, against its declared width.
 
-A :class:`WidthRecorder` is an interpreter hook; it keeps the min/max of every
-integer value over all batches. The report gives, per value, the width it needs
-against the width the graph declares, and, per matmul (linear layers and the two
-attention matmuls), the accumulator width needed against INT32:
-``bits = 1 + max(bitlen(max), bitlen(-min - 1))`` (= ceil(log2(max|acc| + 1)) + 1 for
-a symmetric range). Needs no model code.
+A :class:`WidthRecorder` is fed the named integer values of the debug export (every value the
+simulation's range audit also names) batch after batch and keeps their min/max. The report
+gives, per value, the width it needs against the width the export declares and, per matmul
+kind (linear layers and the two attention matmuls), the accumulator width needed against
+INT32: ``bits = 1 + max(bitlen(max), bitlen(-min - 1))``. Constants (weights, biases, the
+folded position embedding, I-LayerNorm bias terms) are reported from the export's own record.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 ACC_BITS = 32
 
@@ -30,65 +29,51 @@ def _limits(bits: int, signed: bool) -> tuple[int, int]:
 
 
 class WidthRecorder:
-    """Interpreter hook collecting per-value integer ranges (``hook(op, value)``)."""
+    """Per named value: the min/max integer over every batch it is shown (:meth:`update`)."""
 
-    def __init__(self, graph: dict[str, Any]) -> None:
-        self.graph = graph
+    def __init__(self, decl: dict[str, Any]) -> None:
+        self.values: dict[str, dict[str, Any]] = decl["values"]
+        self.constants: dict[str, dict[str, Any]] = decl.get("constants", {})
         self.lo: dict[str, int] = {}
         self.hi: dict[str, int] = {}
         self.images = 0
 
-    def __call__(self, op: dict[str, Any], value: Tensor) -> None:
-        if value.is_floating_point() or value.numel() == 0:
-            return
-        if op["op"] == "quantize":
-            self.images += int(value.shape[0])
-        lo, hi = torch.aminmax(value)
-        name = op["out"]
-        self.lo[name] = min(self.lo.get(name, int(lo)), int(lo))
-        self.hi[name] = max(self.hi.get(name, int(hi)), int(hi))
+    def update(self, outputs: dict[str, np.ndarray], images: int) -> None:
+        """Fold one batch's named values (name -> integer array) into the ranges."""
+        self.images += images
+        for name, arr in outputs.items():
+            if name not in self.values or arr.size == 0:
+                continue
+            lo, hi = int(arr.min()), int(arr.max())
+            self.lo[name] = min(self.lo.get(name, lo), lo)
+            self.hi[name] = max(self.hi.get(name, hi), hi)
 
-    def report(self, constants: dict[str, Tensor] | None = None) -> dict[str, Any]:
-        """Full report (``widths.json``): values, constants, matmul accumulators, requantizer products, summary."""
-        g = self.graph
-        values, accs, products = [], [], []
-        for op in g["ops"]:
-            name = op["out"]
+    def report(self) -> dict[str, Any]:
+        """Full report (``widths.json``): values, matmul accumulators, constants, summary."""
+        values, accs = [], []
+        for name, decl in self.values.items():
             if name not in self.lo:
                 continue
-            decl = g["values"][name]
             lo, hi = self.lo[name], self.hi[name]
-            row = {"tensor": name, "op": op["op"], "kind": decl["kind"], "bits": decl["bits"],
-                   "signed": decl["signed"], "min": lo, "max": hi, "max_abs": max(-lo, hi),
-                   "needed_bits": needed_bits(lo, hi, decl["signed"])}
+            row = {"tensor": name, "kind": decl["kind"], "bits": decl["bits"], "signed": decl["signed"],
+                   "min": lo, "max": hi, "max_abs": max(-lo, hi), "needed_bits": needed_bits(lo, hi, decl["signed"])}
             qlo, qhi = _limits(decl["bits"], decl["signed"])
             row["overflow"] = lo < qlo or hi > qhi
             values.append(row)
-            if "matmul" in op:
-                accs.append({"tensor": name, "matmul": op["matmul"], "max_abs": row["max_abs"],
+            if "matmul" in decl:
+                accs.append({"tensor": name, "matmul": decl["matmul"], "max_abs": row["max_abs"],
                              "bits": needed_bits(lo, hi, True), "fits_int32": row["needed_bits"] <= ACC_BITS})
-            if op["op"] == "requantize" and op["in"][0] in self.lo:
-                src = op["in"][0]
-                q_abs = max(-self.lo[src], self.hi[src])
-                m = op["m"] if isinstance(op["m"], list) else [op["m"]]
-                p_abs = q_abs * max(abs(v) for v in m)
-                products.append({"tensor": name, "input_max_abs": q_abs, "product_max_abs": p_abs,
-                                 "product_bits": 1 + p_abs.bit_length(), "fits_int64": p_abs < 2**63})
         consts = []
-        for name, spec in g["constants"].items():
-            if constants is None or name not in constants or constants[name].numel() == 0:
-                continue
-            lo, hi = (int(v) for v in torch.aminmax(constants[name].to(torch.int64)))
-            qlo, qhi = _limits(spec["bits"], spec["signed"])
-            consts.append({"tensor": name, "role": spec["role"], "bits": spec["bits"], "signed": spec["signed"],
-                           "max_abs": max(-lo, hi), "needed_bits": needed_bits(lo, hi, spec["signed"]),
-                           "overflow": lo < qlo or hi > qhi})
-        return {"images": self.images, "accumulator_bits": ACC_BITS, "summary": self.summary(accs, values, consts),
-                "accumulators": accs, "values": values, "constants": consts, "requantize_products": products}
+        for name, c in self.constants.items():
+            lo, hi = c["min"], c["max"]
+            consts.append({"tensor": name, "role": c["role"], "dtype": c["dtype"], "max_abs": max(-lo, hi),
+                           "needed_bits": needed_bits(lo, hi, True)})
+        return {"images": self.images, "accumulator_bits": ACC_BITS, "summary": self.summary(accs, values),
+                "accumulators": accs, "values": values, "constants": consts}
 
     @staticmethod
-    def summary(accs: list[dict], values: list[dict], consts: list[dict]) -> dict[str, Any]:
-        """Per matmul kind the largest |acc| and the width it needs; every value/constant over its width."""
+    def summary(accs: list[dict], values: list[dict]) -> dict[str, Any]:
+        """Per matmul kind the largest |acc| and the width it needs; every value over its declared width."""
         kinds: dict[str, dict[str, Any]] = {}
         for a in accs:
             k = kinds.setdefault(a["matmul"], {"max_abs": 0, "bits": 0, "layers": 0})
@@ -97,6 +82,6 @@ class WidthRecorder:
             k["layers"] += 1
         for k in kinds.values():
             k["fits_int32"] = k["bits"] <= ACC_BITS
-        over = [f"{r['tensor']} (needs {r['needed_bits']} > {r['bits']} bits)" for r in values + consts if r["overflow"]]
+        over = [f"{r['tensor']} (needs {r['needed_bits']} > {r['bits']} bits)" for r in values if r["overflow"]]
         return {"matmuls": kinds, "all_accumulators_fit_int32": all(k["fits_int32"] for k in kinds.values()),
                 "over_declared_width": over}

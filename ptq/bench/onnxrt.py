@@ -1,0 +1,147 @@
+"""The integer ONNX models against the float model on the same runtime (onnxruntime, CPU, 2 threads).
+
+The float model is exported with ``torch.onnx.export`` (``float.onnx``), the W8A8 and W4A8
+integer models with ``ptq.intexec.build`` after calibration. All sessions live in one process
+and are timed interleaved (one run of each model per round, rounds repeated), at batch 1
+(latency) and at the plan's throughput batch. ``profile_int`` groups one integer model's time by
+op type and by layer role, from onnxruntime's own profiler.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor
+from torchvision.models.vision_transformer import VisionTransformer
+from tqdm.auto import tqdm
+
+from ptq.bench.plans import _batches
+from ptq.bench.timing import _median
+from ptq.calib import calibrate
+from ptq.intexec.artefact import THREADS, session
+from ptq.intexec.build import build_onnx
+from ptq.quant.nonlinear import Backend
+from ptq.quant.vit import QuantSettings, QuantViT
+
+log = logging.getLogger(__name__)
+
+INT_MODELS = {"int_w8a8": 8, "int_w4a8": 4}  # name -> weight bits (A8, ivit)
+ROLES = ("gemm", "requant", "shiftmax", "shiftgelu", "layernorm", "residual", "quantize", "shape", "dequantize")
+
+
+def float_onnx(model: VisionTransformer, size: int) -> bytes:
+    """The float model as ONNX (``torch.onnx.export``, TorchScript exporter, opset 18, dynamic batch)."""
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.cpu().eval(), (torch.zeros(1, 3, size, size),), f, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}},
+                          opset_version=18, dynamo=False)
+    return f.getvalue()
+
+
+def int_onnx(model: VisionTransformer, calib: Tensor, wbits: int, calib_batch: int) -> bytes:
+    """A calibrated W``wbits``A8 ivit QuantViT of ``model`` as its integer ONNX model."""
+    q = QuantViT(model.cpu(), QuantSettings(wbits=wbits, abits=8, backend=Backend("ivit")))
+    calibrate(q, _batches(calib, calib_batch), torch.device("cpu"))
+    return build_onnx(q)[0].SerializeToString()
+
+
+def export_all(model: VisionTransformer, calib: Tensor, size: int, calib_batch: int,
+               out: Path | None = None) -> dict[str, bytes]:
+    """float, int_w8a8 and int_w4a8 serialized models (also written to ``out`` when given)."""
+    models = {"float": float_onnx(model, size)}
+    for name, wbits in INT_MODELS.items():
+        models[name] = int_onnx(model, calib, wbits, calib_batch)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, blob in models.items():
+            (out / f"{name}.onnx").write_bytes(blob)
+    return models
+
+
+def _run(sess: ort.InferenceSession, x: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    sess.run(None, {"image": x})
+    return time.perf_counter() - t0
+
+
+def bench_ort(models: dict[str, bytes], images: Tensor, batch: int, repeats: int,
+              threads: int = THREADS) -> dict[str, Any]:
+    """Median seconds per run of each model at batch 1 and at ``batch``, interleaved; ratios to float."""
+    sessions = {k: session(v, threads) for k, v in models.items()}
+    x_b = images[:batch].float().numpy()
+    x_1 = images[:1].float().numpy()
+    times: dict[str, dict[str, list[float]]] = {k: {"b1": [], "batch": []} for k in sessions}
+    for sess in sessions.values():  # warm-up (first run allocates)
+        sess.run(None, {"image": x_1})
+        sess.run(None, {"image": x_b})
+    for _ in tqdm(range(repeats), desc="onnxruntime rounds", leave=False):
+        for k, sess in sessions.items():
+            times[k]["b1"].append(_run(sess, x_1))
+            times[k]["batch"].append(_run(sess, x_b))
+    res: dict[str, Any] = {"threads": threads, "batch": batch, "repeats": repeats, "runtime": ort.__version__,
+                           "bytes": {k: len(v) for k, v in models.items()}, "models": {}}
+    for k, t in times.items():
+        b1, bb = _median(t["b1"]), _median(t["batch"])
+        res["models"][k] = {"b1_ms": round(b1 * 1e3, 3), "batch_ms": round(bb * 1e3, 3),
+                            "img_per_s": round(batch / bb, 1)}
+    f = res["models"]["float"]
+    res["ratios"] = {}
+    for k in INT_MODELS:
+        m = res["models"][k]
+        res["ratios"][f"ort_{k}"] = round(m["batch_ms"] / f["batch_ms"], 3)
+        res["ratios"][f"ort_{k}_b1"] = round(m["b1_ms"] / f["b1_ms"], 3)
+    return res
+
+
+def _role(node_name: str) -> str:
+    """The layer role of a node from its name ``<role>:<tensor>/<index>.<OpType>`` (``ptq.intexec.graph``)."""
+    role = node_name.split(":", 1)[0]
+    return role if role in ROLES else "other"
+
+
+def profile_int(model: bytes, images: Tensor, runs: int, threads: int = THREADS,
+                out_dir: Path | None = None) -> dict[str, Any]:
+    """onnxruntime's profiler on ``runs`` runs of one model: total ms per op type and per layer role."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.enable_profiling = True
+    opts.log_severity_level = 3
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        opts.profile_file_prefix = str(out_dir / "ort_profile")
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    x = images.float().numpy()
+    sess.run(None, {"image": x})
+    for _ in range(runs):
+        sess.run(None, {"image": x})
+    path = Path(sess.end_profiling())
+    events = json.loads(path.read_text())
+    if out_dir is None:
+        path.unlink(missing_ok=True)
+    by_op: dict[str, float] = defaultdict(float)
+    by_role: dict[str, float] = defaultdict(float)
+    for ev in events:
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        ms = ev["dur"] / 1e3 / (runs + 1)
+        by_op[ev["args"]["op_name"]] += ms
+        by_role[_role(ev["name"].removesuffix("_kernel_time"))] += ms
+    total = sum(by_op.values())
+    top = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+    return {"runs": runs + 1, "batch": int(x.shape[0]), "total_ms": round(total, 2),
+            "nodes": len(onnx.load_from_string(model).graph.node),
+            "by_op_ms": {k: round(v, 2) for k, v in top.items()},
+            "by_role_ms": {k: round(v, 2) for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])}}
