@@ -17,7 +17,8 @@ import torch
 from onnx import TensorProto, helper
 
 from ptq.intexec import kernels
-from ptq.intexec.graph import IR_VERSION, OPSET, OnnxGraph
+from ptq.intexec.graph import OnnxGraph
+from ptq.intexec.kernels import IR_VERSION, OPSET
 from ptq.quant import ivit, requant
 from ptq.quant.symbolic import Sym
 

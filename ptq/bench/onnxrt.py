@@ -145,3 +145,53 @@ def profile_int(model: bytes, images: Tensor, runs: int, threads: int = THREADS,
             "nodes": len(onnx.load_from_string(model).graph.node),
             "by_op_ms": {k: round(v, 2) for k, v in top.items()},
             "by_role_ms": {k: round(v, 2) for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])}}
+
+
+ORT_PLANS = {  # model -> (throughput batch, timed rounds, calibration images); quick: smaller
+    ("tiny", False): (256, 7, 256), ("tiny", True): (64, 3, 64),
+    ("vit_b_16", False): (8, 3, 16), ("vit_b_16", True): (2, 1, 4),
+}
+ORT_TARGETS = {("vit_b_16", "ort_int_w8a8_b1"): 0.45, ("vit_b_16", "ort_int_w8a8"): 0.5, ("tiny", "ort_int_w8a8"): 1.0}
+
+
+def run_onnx_bench(names: list[str], quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
+    """Export float / W8A8 / W4A8 of each model, time them interleaved on onnxruntime, profile W8A8."""
+    from ptq.bench.plans import PLANS, build_model, images_for
+
+    result: dict[str, Any] = {"models": {}, "runtime": f"onnxruntime {ort.__version__}", "threads": THREADS,
+                              "quick": quick}
+    for name in names:
+        batch, repeats, n_calib = ORT_PLANS[(name, quick)]
+        model, meta = build_model(name, PLANS[(name, quick)])
+        size = model.image_size
+        calib = images_for(name, model, n_calib, "train")
+        images = images_for(name, model, batch, "test")
+        t0 = time.perf_counter()
+        models = export_all(model, calib, size, min(n_calib, 64), out_dir / name if out_dir else None)
+        log.info("%s: exported float and integer models in %.1fs", name, time.perf_counter() - t0)
+        res = bench_ort(models, images, batch, repeats)
+        res["profile_int_w8a8"] = profile_int(models["int_w8a8"], images, 1)
+        res["model"] = meta | {"name": name, "layers": len(model.encoder.layers), "hidden_dim": model.hidden_dim}
+        res["targets"] = {k: v for (m, k), v in ORT_TARGETS.items() if m == name}
+        res["targets_met"] = {k: bool(res["ratios"][k] <= v) for k, v in res["targets"].items()}
+        result["models"][name] = res
+        log.info("%s: %s", name, res["ratios"])
+    result["ratios_by_model"] = {k: v["ratios"] for k, v in result["models"].items()}
+    return result
+
+
+def onnx_table(result: dict[str, Any]) -> str:
+    """Markdown: per model, the float and integer models' times on onnxruntime and their ratios."""
+    rows = ["| model | onnxruntime model | batch 1 (ms) | batch N (ms) | img/s | file size | "
+            "int / float, batch 1 | int / float, batch N | target |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, res in result["models"].items():
+        for key, m in res["models"].items():
+            r = res["ratios"]
+            b1 = f"{r[f'ort_{key}_b1']:.2f}x" if key != "float" else ""
+            bn = f"{r[f'ort_{key}']:.2f}x" if key != "float" else ""
+            tgt = ", ".join(f"{k.removeprefix('ort_')} <= {v:g}: {'met' if res['targets_met'][k] else 'not met'}"
+                            for k, v in res["targets"].items() if key != "float" and k.startswith(f"ort_{key}"))
+            rows.append(f"| {name} (batch N = {res['batch']}) | {key} | {m['b1_ms']:.1f} | {m['batch_ms']:.1f} | "
+                        f"{m['img_per_s']:.1f} | {res['bytes'][key] / 1e6:.2f} MB | {b1} | {bn} | {tgt} |")
+    return "\n".join(rows)

@@ -28,11 +28,9 @@ from onnx import TensorProto, helper
 from torch import Tensor
 
 from ptq.intexec import kernels
-from ptq.intexec.kernels import CAP, I32, I64, Emitter
+from ptq.intexec.kernels import CAP, I32, I64, IR_VERSION, OPSET, Emitter
 from ptq.quant.symbolic import Sym
 
-OPSET = 18
-IR_VERSION = 10
 ACC_BITS = 32
 _ELEM = {"float32": TensorProto.FLOAT, "int32": TensorProto.INT32, "int64": TensorProto.INT64}
 
@@ -134,14 +132,14 @@ class OnnxGraph:
         m64, e64 = np.where(top, m64 // 2, m64), np.where(top, e64 - 1, e64)
         if (e64 <= 0).any():
             raise ValueError(f"{name}: requantization ratio >= 2**30 (e={int(e64.min())}) is not supported")
-        q = self._cast(x, I64)
-        if x.bound < 2**31:  # |q * m| < 2**62: one int64 product, then a rounding shift
+        if x.bound < 2**31:  # |q * m| < 2**62: one 64-bit product (two's complement in uint64), a rounding shift
             zero = e64 >= 63  # |q * m / 2**e| < 1/2: rounds to 0
             m64, k = np.where(zero, 0, m64), np.minimum(e64, 62)
-            p = em.op("Mul", [q, self._vec(m64, "mult")])
-            y = em.round_shift(p, self._shape_k(k))
+            u = em.op("Cast", [x.name], to=TensorProto.UINT64)  # q mod 2**64
+            mc = em.const((m64.reshape(()) if m64.size == 1 else m64).astype(np.uint64), np.uint64, hint="mult")
+            y = em.round_shift_u64(em.op("Mul", [u, mc]), self._shape_k(k))
         else:
-            y = self._limb_requant(q, x, m64, e64, name)
+            y = self._limb_requant(self._cast(x, I64), x, m64, e64, name)
         ratio = float((np.abs(m64).astype(np.float64) / np.exp2(e64.astype(np.float64))).max())
         if clamp:
             y = em.op("Cast", [em.op("Clip", [y, em.const(lo), em.const(hi)])], out=name, to=I32)
@@ -265,9 +263,24 @@ class OnnxGraph:
     # -- kernels --------------------------------------------------------------------------------
     def shiftmax(self, x: Sym, s: Tensor, n: int, out_bits: int, name: str) -> Sym:
         self.em.scope = f"shiftmax:{name}"
-        p = kernels.shiftmax(self.em, self._cast(x, I64), s.detach().cpu().numpy(), n, out_bits, name + ".i64")
-        p = self.em.op("Cast", [p], out=name, to=I32)
+        em = self.em
+        s32 = s.detach().cpu().numpy()
         top = 2 ** (out_bits - 1)
+        if -128 <= x.lo and x.hi <= 127:  # INT8 scores: max(q) - q takes 256 values, int_exp is a table
+            x0 = kernels.x0_of(kernels.f32(s32))
+            table = kernels.evaluate(lambda e, v: kernels.int_exp(e, v, x0, n), -np.arange(256, dtype=np.int64))
+            wide = x.shape[-1] * int(table.max()) >= 2**31  # the row sum in int32 when it provably fits
+            xi = self._cast(x, I32)
+            idx = em.op("Sub", [em.reduce("ReduceMax", xi), xi])
+            e = em.op("Gather", [em.const(table, np.int64 if wide else np.int32, hint="exp_table"), idx])
+            c = em.const(CAP, np.int64 if wide else np.int32)
+            total = em.op("Min", [em.reduce("ReduceSum", e), c])
+            f = em.op("Div", [c, total])  # e <= total: e * f <= 2**31 - 1
+            p = em.op("Div", [em.op("Mul", [e, f]), em.const(1 << (32 - out_bits), np.int64 if wide else np.int32)])
+            p = em.op("Cast", [p], out=name, to=I32)
+        else:
+            p = kernels.shiftmax(em, self._cast(x, I64), s32, n, out_bits, name + ".i64")
+            p = em.op("Cast", [p], out=name, to=I32)
         return self._out(p, x.shape, "int32", 0, top, kind="activation", bits=out_bits, signed=False)
 
     def log2_probs(self, p: Sym, name: str) -> Sym:
@@ -278,11 +291,23 @@ class OnnxGraph:
 
     def shift_gelu(self, x: Sym, s: Tensor, n: int, sig_bits: int, name: str) -> Sym:
         self.em.scope = f"shiftgelu:{name}"
+        em = self.em
         s32 = s.detach().cpu().numpy()
-        y = kernels.shift_gelu(self.em, self._cast(x, I64), s32, n, sig_bits, name)
         # g <= 2**(sig_bits - 1) unless e1 alone passes 2**31 - 1 (then f = 1 and g = e1 >> (32 - sig_bits))
         e1_max = -kernels.x0_of(1.702 * kernels.f32(s32)) << n
         b = x.bound * max(2 ** (sig_bits - 1), e1_max >> (32 - sig_bits))
+        if -128 <= x.lo and x.hi <= 127 and b < 2**31:  # INT8: q * g depends on (row max, q) alone, a table
+            vals = np.arange(-128, 128, dtype=np.int64)
+            mx, q = np.meshgrid(vals, vals, indexing="ij")  # rows [min(q, mx), mx]: the kernel's row max is mx
+            pairs = np.stack([np.minimum(q, mx).reshape(-1), mx.reshape(-1)], axis=1)
+            table = kernels.evaluate(lambda e, v: kernels.shift_gelu(e, v, s32, n, sig_bits, "g"), pairs)[:, 0]
+            xi = self._cast(x, I32)
+            base = em.op("Mul", [em.op("Add", [em.reduce("ReduceMax", xi), em.const(128, np.int32)]),
+                                 em.const(256, np.int32)])
+            idx = em.op("Add", [xi, em.op("Add", [base, em.const(128, np.int32)])])
+            y = em.op("Gather", [em.const(table, np.int32, hint="gelu_table"), idx], out=name)
+            return self._out(y, x.shape, "int32", -b, b, kind="gelu", bits=ACC_BITS, signed=True)
+        y = kernels.shift_gelu(em, self._cast(x, I64), s32, n, sig_bits, name)
         return self._out(y, x.shape, "int64", -b, b, kind="gelu", bits=ACC_BITS, signed=True)
 
     def layernorm(self, x: Sym, b: Tensor, name: str) -> Sym:

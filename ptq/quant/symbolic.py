@@ -173,5 +173,11 @@ class Sym:
 
 
 def graph_of(t: Any) -> IntGraph | None:
-    """The graph a value belongs to when it is symbolic, else None (the simulation's tensors)."""
+    """The graph a value belongs to when it is symbolic, else None (the simulation's tensors).
+
+    Inside a compiled graph (AdaRound's step) values are never symbolic; returning early there
+    keeps dynamo from tracing the check.
+    """
+    if torch.compiler.is_compiling():
+        return None
     return t.graph if isinstance(t, Sym) else None
