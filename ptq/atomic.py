@@ -1,4 +1,8 @@
-"""Atomic file writes: a reader (or a crashed run's rerun) sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader (or a crashed run's rerun) sees the old file or the new one, never half of one.
+
+Also the one rewrite of a generated block between marker lines of a Markdown file (the README's
+results and Performance blocks).
+"""
 
 from __future__ import annotations
 
@@ -19,3 +23,41 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def block_markers(block: str) -> tuple[str, str]:
+    """The HTML-comment lines around a generated block of a Markdown file (``<!-- perf:start -->`` ...)."""
+    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+
+
+def replace_block(text: str, block: str, body: str) -> str:
+    """``text`` with everything between ``block``'s markers replaced by ``body`` (its line ends as ``text``'s).
+
+    ValueError naming the markers unless ``text`` holds exactly one start marker followed by one end marker.
+    """
+    start, end = block_markers(block)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"needs exactly one '{start}' line followed by one '{end}' line, around the generated "
+                         "block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    nl = "\r\n" if "\r\n" in text else "\n"
+    return head + start + nl + body.strip("\n").replace("\n", nl) + nl + end + tail
+
+
+def write_block(path: Path | str, block: str, body: str) -> bool:
+    """Replace ``block`` of the file at ``path`` by ``body``, atomically; every other byte stays as it was.
+
+    The one writer of the README's generated blocks (``ptq.table``, ``ptq.bench``). Returns whether the
+    file changed (an identical body leaves it untouched); FileNotFoundError, or ValueError as
+    :func:`replace_block`.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8", newline="") as f:
+        old = f.read()
+    new = replace_block(old, block, body)
+    if new == old:
+        return False
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(new)
+    return True

@@ -1,7 +1,9 @@
 """Structured configs: the schema every Hydra run is validated against.
 
 The dataclasses are registered in Hydra's ConfigStore as ``ptq_schema`` (the
-root) and as ``<group>/schema`` nodes. ``conf/config.yaml`` extends the root
+root) and as ``<group>_schema`` nodes, which every option of a group extends
+(``- /<group>_schema@_here_``). They sit outside the groups, so a misspelt
+choice's "Available options" list shows only real choices. ``conf/config.yaml`` extends the root
 schema, so an unknown key or a wrong type fails while composing, before any
 model or data is touched. Value ranges (``wbits=0``, ``momentum=2``...) are
 checked by :func:`validate`, called first thing in the pipeline.
@@ -182,7 +184,7 @@ def register_configs() -> None:
         ("granularity", GranularityConfig),
         ("tracking", TrackingConfig),
     ]:
-        cs.store(group=group, name="schema", node=node)
+        cs.store(name=f"{group}_schema", node=node)  # not in the group: never offered as a choice
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -21,6 +21,7 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 QUANT_STATE_FILE = "quant_state.pt"
+QUANT_STATE_SUM_FILE = "quant_state.pt.sha256"  # its SHA-256, as `sha256sum` writes it (and `sha256sum -c` reads)
 
 
 def _proc_start(pid: int) -> int | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -101,14 +103,28 @@ def test_freeze_without_data_is_an_error() -> None:
         aq.freeze()
 
 
-def test_lsq_step_size_gets_a_gradient() -> None:
+def lsq_step_gradient(x: torch.Tensor, upstream: torch.Tensor, s: float, bits: int, per_sample: int) -> float:
+    """LSQ (Esser et al. 2020, eq. 3 and the gradient scale g): dL/ds of x_hat = s * clamp(round(x/s), Qn, Qp)
+    is sum(dL/dx_hat * (round(x/s) - x/s)) inside the range, Qn or Qp outside, times 1/sqrt(N * Qp)."""
+    qn, qp = qrange(bits)
+    v = x.double() / s
+    term = torch.where(v <= qn, float(qn), torch.where(v >= qp, float(qp), torch.round(v) - v))
+    return float((upstream.double() * term).sum()) / math.sqrt(per_sample * qp)
+
+
+def test_lsq_step_gradient_is_the_lsq_formula() -> None:
     aq = ActQuantizer(4)
     aq.set_mode("observe")
     aq(QTensor.from_float(torch.tensor([-1.0, 1.0])))
-    aq.freeze()
+    aq.freeze()  # step 1/7
     aq.set_mode("quant")
     aq.scale.requires_grad_(True)
-    x = torch.randn(8, 16) * 2
+    x = torch.tensor([[0.33, -0.71, 1.6, -2.2, 0.05], [0.9, -0.02, 0.49, -1.3, 3.0]])  # four clip, six do not
+    upstream = torch.tensor([[0.5, -1.0, 2.0, 0.25, -0.75], [1.5, 0.1, -0.3, 1.0, -2.0]])
     out = aq(QTensor.from_float(x))
-    ((out.real() - x) ** 2).sum().backward()
-    assert aq.scale.grad is not None and aq.scale.grad.abs().item() > 0
+    (out.real() * upstream).sum().backward()
+    s = float(aq.scale.detach())
+    assert ((x / s).abs() > 7).sum() == 4
+    expected = lsq_step_gradient(x, upstream, s, 4, per_sample=5)
+    assert aq.scale.grad.item() == pytest.approx(expected, rel=1e-5)
+    assert abs(expected) > 0.1

@@ -40,6 +40,19 @@ def test_a_finished_adaround_ivit_run_verifies_without_export(tmp_path: Path) ->
     proc = _ptq("ptq.intexec", str(run))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == f"mismatches=0/{metrics['n_eval']}  (onnxruntime {onnxruntime.__version__})"
+    # issue 27: 64 zero bytes in the middle of the state file. torch.load reads it without complaint;
+    # the checksum refuses it in one line, before any use, and says what to do
+    state = run / "quant_state.pt"
+    data = bytearray(state.read_bytes())
+    mid = len(data) // 2
+    assert data[mid:mid + 64] != bytes(64)
+    data[mid:mid + 64] = bytes(64)
+    state.write_bytes(bytes(data))
+    proc = _ptq("ptq.intexec", str(run))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, proc.stderr[-2000:]
+    assert "quant_state.pt is damaged" in lines[0] and "rerun python -m ptq.main " in lines[0]
+    assert f"hydra.run.dir={run.as_posix()}" in lines[0]  # the command that rewrites it
 
 
 def test_unverifiable_runs_say_why_in_one_line(tmp_path: Path) -> None:
@@ -72,6 +85,14 @@ def test_runs_verifies_every_job_of_a_multirun(tmp_path: Path) -> None:
     scale_key = next(k for k in obj["state"]["tensors"] if k.endswith(".scale"))
     obj["state"]["tensors"][scale_key] *= 1.5
     torch.save(obj, state)
+    from ptq.cache import file_digest
+    from ptq.rundir import QUANT_STATE_SUM_FILE
+
+    sums = state.with_name(QUANT_STATE_SUM_FILE)
+    proc = _ptq("ptq.intexec", "--runs", str(sweep))  # its checksum file still vouches for the old bytes
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1].endswith("2 verified run(s), 1 not verified")
+    assert any(ln.startswith("skipped  ") and "is damaged" in ln for ln in proc.stdout.splitlines())
+    sums.write_text(f"{file_digest(state)}  {state.name}\n")  # a consistent state file that is not the run's
     proc = _ptq("ptq.intexec", "--runs", str(sweep))
     assert proc.returncode == 1
     assert any(ln.startswith("differs  ") and "does not reproduce" in ln for ln in proc.stdout.splitlines())

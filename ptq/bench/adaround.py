@@ -1,7 +1,7 @@
 """AdaRound iterations against one plain forward+backward of the same float unit.
 
-The iteration time is taken inside ``ptq.recon.train.train_unit`` itself (its progress iterator is
-replaced by a clock), so what is timed is exactly what a run executes, compiled or not.
+The iteration time is taken inside ``ptq.recon.train.train_unit`` itself (its ``on_iter`` hook
+stamps the end of every iteration), so what is timed is exactly what a run executes, compiled or not.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,40 +31,6 @@ from ptq.recon.train import recon_loss
 from ptq.recon.unitcache import Cached, capture
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _iteration_clock(stamps: list[float], device: torch.device) -> Iterator[None]:
-    """Replace ``ptq.recon.train.tqdm`` by an iterator that timestamps every loop iteration of ``train_unit``.
-
-    The stamp before item ``i`` and the one before item ``i+1`` bound exactly one
-    execution of the loop body, so nothing of ``train_unit`` is re-implemented here.
-    """
-
-    class Clock:
-        def __init__(self, iterable: Any, *args: Any, **kwargs: Any) -> None:
-            self.iterable = iterable
-
-        def __iter__(self) -> Iterator[Any]:
-            for item in self.iterable:
-                _sync(device)
-                stamps.append(time.perf_counter())
-                yield item
-            _sync(device)
-            stamps.append(time.perf_counter())
-
-        def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    saved = recon_train.tqdm
-    recon_train.tqdm = Clock  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        recon_train.tqdm = saved
 
 
 class _FloatAttn(nn.Module):
@@ -125,15 +89,24 @@ def _adaround_cfg(plan: Plan, backend: str, compile_step: bool = True) -> Simple
 
 def time_adaround_iters(name: str, unit: nn.Module, inputs: Cached, targets: Cached, plan: Plan,
                         device: torch.device, seed: int, run_cfg: SimpleNamespace) -> tuple[list[float], float]:
-    """Per-iteration seconds of ``train_unit`` on this unit (first dropped) and the whole call's seconds."""
+    """Per-iteration seconds of ``train_unit`` on this unit (the first, compiling iteration left out) and
+    the whole call's seconds.
+
+    Consecutive end-of-iteration stamps bound exactly one execution of the loop body, so nothing
+    of ``train_unit`` is re-implemented here; the ``plan.ada_iters + 1`` iterations give
+    ``plan.ada_iters`` gaps.
+    """
     stamps: list[float] = []
-    with _iteration_clock(stamps, device):
-        total = time_call(lambda: recon_train.train_unit(name, unit, inputs, targets, run_cfg, device,
-                                                      seed), device)
-    gaps = [b - a for a, b in itertools.pairwise(stamps)][1:]
-    if not gaps:  # train_unit no longer iterates through ptq.recon.train.tqdm: fall back to the whole call
-        log.warning("no per-iteration stamps from train_unit; using the whole call / iterations (includes setup)")
-        gaps = [total / (plan.ada_iters + 1)]
+
+    def stamp(_it: int) -> None:
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    total = time_call(lambda: recon_train.train_unit(name, unit, inputs, targets, run_cfg, device, seed,
+                                                     on_iter=stamp), device)
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    if not gaps:
+        raise RuntimeError(f"train_unit ran {len(stamps)} iteration(s) of {name}; timing needs at least two")
     return gaps, total
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from torchvision.models import vit_b_16
 from torchvision.models.vision_transformer import VisionTransformer
 
+from ptq.atomic import block_markers
 from ptq.calib import calibrate
 from ptq.quant.vit import QuantSettings, QuantViT
 
@@ -20,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_OUT = Path("outputs/bench.json")
-MARK_START = "<!-- perf:start -->"
-MARK_END = "<!-- perf:end -->"
+PERF_BLOCK = "perf"  # README block between these markers (ptq.atomic.write_block)
+MARK_START, MARK_END = block_markers(PERF_BLOCK)
 ADAROUND_BACKENDS = ("fp", "ivit")
 
 

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ptq.bench.plans import CACHE_IMAGES, MARK_END, MARK_START, RATIO_KEYS, TARGETS, ratio_key
+from ptq.atomic import replace_block, write_block
+from ptq.bench.plans import CACHE_IMAGES, PERF_BLOCK, RATIO_KEYS, TARGETS, ratio_key
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +96,22 @@ def render_readme_section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _no_markers(exc: ValueError) -> ValueError:
+    return ValueError(f"README {exc}; add both markers where the Performance section should go")
+
+
 def replace_marked_block(text: str, section: str) -> str:
-    """``text`` with everything between the perf markers replaced by ``section``; ValueError without markers."""
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start < 0 or end < 0 or end < start:
-        raise ValueError(f"README has no '{MARK_START}' ... '{MARK_END}' block; add both markers where the "
-                         "Performance section should go")
-    if text.count(MARK_START) != 1 or text.count(MARK_END) != 1:
-        raise ValueError("README must contain exactly one perf:start and one perf:end marker")
-    return text[:start + len(MARK_START)] + "\n" + section.strip("\n") + "\n" + text[end:]
+    """``text`` with its perf block replaced by ``section`` (``ptq.atomic.replace_block``); ValueError
+    naming the markers when they are missing."""
+    try:
+        return replace_block(text, PERF_BLOCK, section)
+    except ValueError as exc:
+        raise _no_markers(exc) from None
 
 
 def update_readme(path: Path, result: dict[str, Any]) -> None:
-    """Rewrite the marked Performance block of ``path`` in place."""
-    path.write_text(replace_marked_block(path.read_text(), render_readme_section(result)))
+    """Rewrite the marked Performance block of ``path`` in place (``ptq.atomic.write_block``, as ``ptq.table``)."""
+    try:
+        write_block(path, PERF_BLOCK, render_readme_section(result))
+    except ValueError as exc:
+        raise _no_markers(exc) from None

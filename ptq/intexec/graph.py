@@ -28,7 +28,8 @@ from onnx import TensorProto, helper
 from torch import Tensor
 
 from ptq.intexec import kernels
-from ptq.intexec.kernels import CAP, I32, I64, IR_VERSION, OPSET, Emitter
+from ptq.intexec.kernels import I32, I64, IR_VERSION, OPSET, Emitter
+from ptq.quant.qtensor import INT32_MAX
 from ptq.quant.symbolic import Sym
 
 ACC_BITS = 32
@@ -170,9 +171,9 @@ class OnnxGraph:
         m64, k = np.where(zero, 0, m64), np.minimum(e64 - 29, 62)
         mc = self._vec(m64, "mult")
         qh = em.floor_shift(q, 31)
-        t = em.op("Mul", [em.op("BitwiseAnd", [q, em.const(2**31 - 1)]), mc])
+        t = em.op("Mul", [em.op("BitwiseAnd", [q, em.const(INT32_MAX)]), mc])
         w = em.op("Add", [em.op("Mul", [qh, mc]), em.floor_shift(t, 31)])
-        v = em.op("BitwiseAnd", [t, em.const(2**31 - 1)])
+        v = em.op("BitwiseAnd", [t, em.const(INT32_MAX)])
         half_bit = em.op("Div", [v, em.const(2**30)])
         sticky = em.op("Cast", [em.op("Greater", [em.op("BitwiseAnd", [v, em.const(2**30 - 1)]), em.const(0)])],
                        to=I64)
@@ -273,7 +274,7 @@ class OnnxGraph:
             xi = self._cast(x, I32)
             idx = em.op("Sub", [em.reduce("ReduceMax", xi), xi])
             e = em.op("Gather", [em.const(table, np.int64 if wide else np.int32, hint="exp_table"), idx])
-            c = em.const(CAP, np.int64 if wide else np.int32)
+            c = em.const(INT32_MAX, np.int64 if wide else np.int32)
             total = em.op("Min", [em.reduce("ReduceSum", e), c])
             f = em.op("Div", [c, total])  # e <= total: e * f <= 2**31 - 1
             p = em.op("Div", [em.op("Mul", [e, f]), em.const(1 << (32 - out_bits), np.int64 if wide else np.int32)])
@@ -316,8 +317,8 @@ class OnnxGraph:
         self.constants[name + ".bias"] = {"role": "layernorm_bias", "dtype": "int64", "min": int(bi.min()),
                                           "max": int(bi.max())}
         y = kernels.layernorm(self.em, self._cast(x, I64), x.shape[-1], bi, name)
-        # |d| <= 2 * |q|, f <= CAP // 2**6 (k >= 2**6 after the first Newton step from 2**16)
-        bound = (2 * x.bound + 1) * (CAP // 2**6) // 2 + 1 + int(np.abs(bi).max())
+        # |d| <= 2 * |q|, f <= INT32_MAX // 2**6 (k >= 2**6 after the first Newton step from 2**16)
+        bound = (2 * x.bound + 1) * (INT32_MAX // 2**6) // 2 + 1 + int(np.abs(bi).max())
         return self._out(y, x.shape, "int64", -bound, bound, kind="layernorm", bits=ACC_BITS, signed=True)
 
     def dequantize(self, x: Sym, s: Tensor) -> Sym:

@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-CAP = 2**31 - 1  # the spec's 2**31 - 1
+from ptq.quant.qtensor import INT32_MAX  # the spec's 2**31 - 1
+
 I64, I32 = TensorProto.INT64, TensorProto.INT32
 OPSET = 18
 IR_VERSION = 10
@@ -170,7 +171,7 @@ def int_exp(em: Emitter, a: str, x0: int, n: int, cap: bool = False) -> str:
     pw = em.op("Gather", [em.const([1 << i for i in range(top + 1)], hint="pow2s"), sh])
     val = em.op("Sub", [r, em.const(2 * x0)])  # >= 1
     out = em.op("Div", [em.op("Mul", [val, pw]), em.const(2)])  # positive: Div is floor
-    return em.op("Min", [out, em.const(CAP)]) if cap else out
+    return em.op("Min", [out, em.const(INT32_MAX)]) if cap else out
 
 
 def shiftmax(em: Emitter, q: str, s: Any, n: int, out_bits: int, out: str) -> str:
@@ -178,8 +179,8 @@ def shiftmax(em: Emitter, q: str, s: Any, n: int, out_bits: int, out: str) -> st
     x0 = x0_of(f32(s))
     a = em.op("Sub", [q, em.reduce("ReduceMax", q)])
     e = int_exp(em, a, x0, n)
-    total = em.op("Min", [em.reduce("ReduceSum", e), em.const(CAP)])
-    f = em.op("Div", [em.const(CAP), total])
+    total = em.op("Min", [em.reduce("ReduceSum", e), em.const(INT32_MAX)])
+    f = em.op("Div", [em.const(INT32_MAX), total])
     return em.op("Div", [em.op("Mul", [e, f]), em.const(1 << (32 - out_bits))], out=out)
 
 
@@ -203,8 +204,8 @@ def shift_gelu(em: Emitter, q: str, s: Any, n: int, sig_bits: int, out: str) -> 
     mx = em.reduce("ReduceMax", q)
     e1 = int_exp(em, em.op("Sub", [q, mx]), x0, n)
     e2 = int_exp(em, em.op("Neg", [mx]), x0, n, cap=True)
-    total = em.op("Min", [em.op("Add", [e1, e2]), em.const(CAP)])
-    f = em.op("Div", [em.const(CAP), total])
+    total = em.op("Min", [em.op("Add", [e1, e2]), em.const(INT32_MAX)])
+    f = em.op("Div", [em.const(INT32_MAX), total])
     g = em.op("Div", [em.op("Mul", [e1, f]), em.const(1 << (32 - sig_bits))])
     return em.op("Mul", [q, g], out=out)
 
@@ -225,6 +226,6 @@ def layernorm(em: Emitter, q: str, channels: int, b: Any, out: str) -> str:
     k = em.const(1 << 16)
     for _ in range(NEWTON_STEPS):  # unrolled integer square root; k >= 1 throughout
         k = em.op("Div", [em.op("Add", [k, em.op("Div", [var, k])]), em.const(2)])
-    f = em.op("Div", [em.const(CAP), k])
+    f = em.op("Div", [em.const(INT32_MAX), k])
     y = em.floor_shift(em.op("Mul", [d, f]), 1)
     return em.op("Add", [y, em.const(np.asarray(b, dtype=np.int64), hint="ln_bias")], out=out)

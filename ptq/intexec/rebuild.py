@@ -6,8 +6,9 @@ bits, about 10.8 MB at vit_b_16 size) and a fingerprint of the run's own quantiz
 its eval set. :func:`load_run_model` rebuilds the ``QuantViT`` from the float model the
 config names plus that state; the verifier then checks that the rebuilt model reproduces the
 fingerprint bit for bit, so ``mismatches=0/N`` is a statement about the run, not about a
-lookalike. A run that cannot be verified raises :class:`NotVerifiable` with one line saying
-why and what to do.
+lookalike. Next to the state file, ``quant_state.pt.sha256`` holds its SHA-256: a file damaged
+since (a flipped block the zip reader does not notice) is refused before it is read. A run that
+cannot be verified raises :class:`NotVerifiable` with one line saying why and what to do.
 """
 
 from __future__ import annotations
@@ -22,11 +23,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from ptq.atomic import atomic_path
+from ptq.cache import file_digest
 from ptq.config import Config
 from ptq.models.zoo import load_model
 from ptq.quant.state import compact_state, load_compact_state
 from ptq.quant.vit import QuantViT
-from ptq.rundir import QUANT_STATE_FILE, describe_progress, read_metrics, run_state
+from ptq.rundir import (
+    QUANT_STATE_FILE,
+    QUANT_STATE_SUM_FILE,
+    describe_progress,
+    read_metrics,
+    resume_command,
+    run_state,
+)
 from ptq.runspec import settings_of
 from ptq.runtime import seed_everything
 
@@ -49,7 +58,7 @@ def logits_digest(logits: Tensor) -> str:
 
 
 def save_run_state(qmodel: QuantViT, cfg: Any, run_dir: Path | str, q_logits: Tensor) -> Path:
-    """Write ``run_dir/quant_state.pt`` atomically; returns its path."""
+    """Write ``run_dir/quant_state.pt`` atomically, then its checksum file; returns its path."""
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     check = {"n": int(q_logits.shape[0]), "logits_sha256": logits_digest(q_logits),
              "first_logits": q_logits[:CHECK_IMAGES].detach().float().cpu().clone()}
@@ -57,6 +66,8 @@ def save_run_state(qmodel: QuantViT, cfg: Any, run_dir: Path | str, q_logits: Te
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save({"config": config, "state": compact_state(qmodel), "check": check}, tmp)
+    with atomic_path(path.with_name(QUANT_STATE_SUM_FILE)) as tmp:  # after the state: a crash between is refused
+        tmp.write_text(f"{file_digest(path)}  {path.name}\n")
     log.info("quantized state (%.1f kB) saved to %s", path.stat().st_size / 1024, path)
     return path
 
@@ -85,6 +96,23 @@ def _check_run_dir(run_dir: Path) -> None:
                             "only nonlinear=ivit runs can be verified")
 
 
+def _rewrite_hint(run_dir: Path) -> str:
+    """What to do about a bad state file: rerun the run (its recorded command when there is one)."""
+    cmd = resume_command(run_dir) or "the run's command (python -m ptq.main ...)"
+    return f"rerun {cmd} to rewrite it"
+
+
+def _check_sum(path: Path, run_dir: Path) -> None:
+    """NotVerifiable when the state file's bytes are not the ones its checksum file vouches for."""
+    sums = path.with_name(QUANT_STATE_SUM_FILE)
+    if not sums.is_file():
+        log.warning("%s has no %s (written before checksums were kept): not checked for damage", path, sums.name)
+        return
+    recorded = (sums.read_text(errors="replace").split() or [""])[0]
+    if file_digest(path) != recorded:
+        raise NotVerifiable(f"{path} is damaged (its SHA-256 differs from {sums.name}); {_rewrite_hint(run_dir)}")
+
+
 def load_run_model(run_dir: Path | str) -> tuple[QuantViT, DictConfig, dict[str, Any]]:
     """The run's ``QuantViT`` (CPU, quant mode), its config and its logits fingerprint; NotVerifiable if none."""
     run_dir = Path(run_dir)
@@ -93,10 +121,11 @@ def load_run_model(run_dir: Path | str) -> tuple[QuantViT, DictConfig, dict[str,
     if not path.is_file():
         raise NotVerifiable(f"{path} not found: the run predates quant_state.pt or quantized nothing; rerun its "
                             "command (python -m ptq.main ...) to write it")
+    _check_sum(path, run_dir)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise NotVerifiable(f"{path}: unreadable ({type(exc).__name__}); rerun the run's command to rewrite it") from None
+        raise NotVerifiable(f"{path}: unreadable ({type(exc).__name__}); {_rewrite_hint(run_dir)}") from None
     # the schema's defaults under the saved config: a run from before a key existed ran with its default
     cfg = OmegaConf.merge(OmegaConf.structured(Config), obj["config"])
     if cfg.nonlinear.name != "ivit":

@@ -223,10 +223,11 @@ def verify_run(run_dir: Path, out: Path | None = None, reexport: bool = False, i
     art = out or run_dir / ARTEFACT_DIR
     existing = not reexport and (art / MODEL_FILE).is_file()
     if existing:  # a damaged file is refused before the model is rebuilt
-        log.info("verifying the existing model %s", art / MODEL_FILE)
         model, decl = load(art)
     qmodel, cfg, check = load_run_model(run_dir)
-    if not existing:
+    if existing:
+        log.info("verifying the existing model %s", art / MODEL_FILE)
+    else:
         if write:
             export(qmodel, cfg, art)
             model, decl = load(art)

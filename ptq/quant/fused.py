@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ptq.quant import requant
-from ptq.quant.qtensor import qrange
+from ptq.quant.qtensor import FLOAT32_EXACT, qrange
 from ptq.quant.requant import ScaleLike
 
 __all__ = ["quantize", "requantize_add", "requantize_float"]
@@ -104,7 +104,7 @@ def _round_margin(q: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rf = torch.round(f)
     t = n1 + n2 + n3 + n4 + rf
     margin = 0.5 - (f - rf).abs() - (y.abs() * 2.0**-40 + 2.0**-19)
-    ok = (y.abs() < F32_LIMIT) & (q.abs() < 2.0**24)
+    ok = (y.abs() < F32_LIMIT) & (q.abs() < FLOAT32_EXACT)
     return t, torch.where(ok, margin, -1.0), y
 
 

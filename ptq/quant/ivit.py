@@ -26,13 +26,13 @@ import math
 import torch
 from torch import Tensor
 
+from ptq.quant.qtensor import INT32_MAX
 from ptq.quant.requant import ScaleLike
 from ptq.quant.requant import as_int64 as _as_int64
 
 __all__ = ["LOG2_IN_BITS", "LOG2_SCALE_BITS", "int_exp", "int_layernorm", "layernorm_bias", "log2_probs", "shift_gelu",
            "shiftmax"]
 
-_CAP = 2**31 - 1  # the "2**31 - 1" of Shiftmax / ShiftGELU / I-LayerNorm
 _LN_B_LIMIT = 2**58  # |b| saturates here so that y + b (and its requantization) stays exact in int64
 _GAMMA_ZERO = 1e-12  # stand-in for gamma == 0 in I-LayerNorm (see int_layernorm)
 
@@ -113,7 +113,7 @@ def _int_exp_neg(idx: Tensor, x0: int, n: int) -> Tensor:
     return table.index_select(0, idx.reshape(-1)).view(idx.shape)
 
 
-def _int_exp_capped(a: Tensor, x0: int, n: int, cap: int = _CAP) -> Tensor:
+def _int_exp_capped(a: Tensor, x0: int, n: int, cap: int = INT32_MAX) -> Tensor:
     """``min(int_exp(a), cap)`` for any int64 ``a`` (``a > 0`` allowed), ``0 < cap < 2**31``.
 
     For ``a > 0`` the exact spec value can exceed int64 (shift ``n - q > n``); ShiftGELU
@@ -162,7 +162,7 @@ def _shiftmax32(q: Tensor, x0: int, n: int, out_bits: int) -> Tensor | None:
         return None
     idx = torch.sub(q.amax(-1, keepdim=True), q).clamp_max_(lim).to(torch.int32)
     e = _exp_table(x0, n, q.device, torch.int32).index_select(0, idx.view(-1)).view(idx.shape)
-    f = torch.floor_divide(torch.tensor(_CAP, dtype=torch.int32, device=q.device),
+    f = torch.floor_divide(torch.tensor(INT32_MAX, dtype=torch.int32, device=q.device),
                            e.sum(-1, keepdim=True, dtype=torch.int32))
     return e.mul_(f).bitwise_right_shift_(32 - out_bits)
 
@@ -192,8 +192,8 @@ def shiftmax(q: Tensor, s: ScaleLike, n: int = 15, out_bits: int = 8,
     # a = q - max(q) <= 0, kept as idx = -a >= 0 (in the converted copy when there is one)
     idx = torch.sub(mx, qi, out=qi) if qi is not q else mx - qi
     e = _int_exp_neg(idx, x0, n)
-    total = e.sum(-1, keepdim=True).clamp_max_(_CAP)  # >= 1: the row max gives -x0 * 2**n
-    f = _CAP // total
+    total = e.sum(-1, keepdim=True).clamp_max_(INT32_MAX)  # >= 1: the row max gives -x0 * 2**n
+    f = INT32_MAX // total
     p = e.mul_(f).bitwise_right_shift_(32 - out_bits)
     return p.to(dtype), s_out
 
@@ -233,8 +233,8 @@ def _gelu_product(q: Tensor, mx: Tensor, x0: int, n: int, sig_bits: int) -> Tens
     """
     e1 = _int_exp_neg((mx - q).clamp_min_(0), x0, n)
     e2 = _int_exp_capped(-mx, x0, n)
-    total = torch.add(e1, e2).clamp_max_(_CAP)  # >= 1: e2 = int_exp(.) >= 1
-    f = torch.floor_divide(torch.tensor(_CAP, device=q.device), total, out=total)
+    total = torch.add(e1, e2).clamp_max_(INT32_MAX)  # >= 1: e2 = int_exp(.) >= 1
+    f = torch.floor_divide(torch.tensor(INT32_MAX, device=q.device), total, out=total)
     return f.mul_(e1).bitwise_right_shift_(32 - sig_bits).mul_(q)
 
 
@@ -351,7 +351,7 @@ def int_layernorm(
     for _ in range(10):
         k = (k + var // k) >> 1
     # 4-5. y = (d * f) // 2
-    f = _CAP // k
+    f = INT32_MAX // k
     y = d.mul_(f).bitwise_right_shift_(1)
     # 6-7. per-channel bias term, float64
     b, s_out = layernorm_bias(weight, bias, c, y.device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptq.quant import audit, ivit
-from ptq.quant.qtensor import QTensor, ste_attach
+from ptq.quant.qtensor import FLOAT32_EXACT, QTensor, ste_attach
 from ptq.quant.quantizers import ActQuantizer
 from ptq.quant.symbolic import graph_of
 
@@ -133,7 +133,7 @@ class Backend:
             return out_q(QTensor(g.shift_gelu(x.v, x.s, self.gelu_n, self.gelu_sig_bits, name), s, 32))
         if self.integer and x.integer:
             # |q * g| <= 2**(in_bits + sig_bits - 2): float32 holds it exactly at A8, not at A16 (int64)
-            exact32 = x.bits + self.gelu_sig_bits - 2 <= 24
+            exact32 = 2 ** (x.bits + self.gelu_sig_bits - 2) <= FLOAT32_EXACT
             with torch.no_grad():
                 g, s = _shift_gelu(x.v.detach(), x.s.detach(), self.gelu_n, self.gelu_sig_bits, exact32)
             audit.record(name, g, 32)

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+INT32_MAX = 2**31 - 1  # largest int32; also the low-31-bit mask of the requantizer's split products
+FLOAT32_EXACT = 2**24  # float32 holds every integer up to this (24-bit significand)
+FLOAT64_EXACT = 2**53  # float64 likewise (53-bit significand)
+
 
 def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
     """Integer range of a ``bits``-wide tensor: signed [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b-1]."""

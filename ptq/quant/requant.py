@@ -19,13 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ptq.quant.qtensor import qrange
+from ptq.quant.qtensor import INT32_MAX, qrange
 
 __all__ = ["apply_dyadic", "as_int64", "clamp_int", "dyadic", "multiplier", "multiplier_of", "pair_key", "pow2_f64",
            "requantize", "scale_f64"]
 
 _INT64_MAX = 2**63 - 1
-_MASK31 = 2**31 - 1
 _MASK30 = 2**30 - 1
 # float64 round-to-integer constant: for |v| < 2**51, v + 1.5 * 2**52 is rounded half-to-even
 # to an integer and its bit pattern is bits(1.5 * 2**52) + round(v)
@@ -104,9 +103,9 @@ def _limb_round(q: Tensor, m: Tensor | int, e: Tensor | int) -> Tensor:
     ``p2 = 4W + 2*bit30(v) + (v mod 2**30 != 0)`` and the answer is ``round(p2 / 2**(e-29))``.
     """
     qh = q >> 31
-    t = (q & _MASK31) * m  # |t| < 2**62
+    t = (q & INT32_MAX) * m  # |t| < 2**62
     w = qh * m + (t >> 31)  # |w| < 2**60
-    v = t & _MASK31
+    v = t & INT32_MAX
     p2 = (w << 2) | ((v >> 30) << 1) | ((v & _MASK30) != 0).to(torch.int64)
     k = e - 29
     k = k.clamp(max=63) if isinstance(k, Tensor) else min(k, 63)

@@ -28,13 +28,9 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from ptq.quant import audit
 from ptq.quant.nonlinear import Backend
-from ptq.quant.qtensor import QTensor, qrange, round_ste
+from ptq.quant.qtensor import FLOAT32_EXACT, FLOAT64_EXACT, INT32_MAX, QTensor, qrange, round_ste
 from ptq.quant.quantizers import ActQuantizer, WeightQuantizer
 from ptq.quant.symbolic import graph_of
-
-FLOAT32_EXACT = 2**24
-FLOAT64_EXACT = 2**53
-INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,14 @@ from torch import nn
 
 from ptq.atomic import atomic_path
 from ptq.cache import spec_key
-from ptq.calib import search_spec
+from ptq.calib import calibration_spec
 from ptq.data.build import loader, subset
 from ptq.quant.rounding import install_adaround
 from ptq.quant.vit import QLinear, QuantSettings, QuantViT
 from ptq.recon.plots import plot_reconstruction
 from ptq.recon.train import flush_denormals, train_unit
 from ptq.recon.unitcache import capture
-from ptq.runspec import data_identity, model_identity, row_of
+from ptq.runspec import row_of
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +59,28 @@ def units_of(qmodel: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]
     return [("embed", qmodel.embed), *inner, ("head", qmodel.head)]
 
 
+def resume_key(cfg: Any, qmodel: QuantViT) -> str:
+    """Hash of everything that determines the reconstructed model.
 
-def resume_key(cfg: Any) -> str:
-    """Hash of everything that determines the reconstructed model."""
+    The calibration part is the calibration stage's own cache key (``calib.calibration_spec``), so an
+    option that changes calibration changes this key too, without a second list of fields here.
+    """
     return spec_key({
-        "row": row_of(cfg), "model": model_identity(cfg), "data": data_identity(cfg), "seed": int(cfg.seed),
-        "aquant": {k: cfg.aquant[k] for k in ("momentum", "calib_images", "calib_batch_size", "quant_io")},
-        "adaround": dict(cfg.adaround), "lsq": dict(cfg.lsq), **search_spec(cfg),
+        "row": row_of(cfg), "calibration": calibration_spec(cfg, qmodel), "seed": int(cfg.seed),
+        "adaround": dict(cfg.adaround), "lsq": dict(cfg.lsq),
     })
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def _write_index(index: Path, ckpt_path: Path, done: int) -> None:
+    """Point the resume index at the checkpoint, atomically (a crash leaves the old index or the new one)."""
+    index.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(index) as tmp:
+        tmp.write_text(json.dumps({"checkpoint": str(ckpt_path.resolve()), "done": done}))
 
 
 def _load_resume(index: Path, qmodel: QuantViT) -> dict[str, Any] | None:
@@ -106,7 +115,7 @@ def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_sou
     units = units_of(qmodel, cfg.granularity.name)
     twin_units = dict(units_of(twin, cfg.granularity.name))
 
-    index = Path(cfg.cache_dir) / "recon" / f"{resume_key(cfg)}.json" if cfg.cache_dir else None
+    index = Path(cfg.cache_dir) / "recon" / f"{resume_key(cfg, qmodel)}.json" if cfg.cache_dir else None
     ckpt_path = run_dir / "recon_checkpoint.pt"
     state = _load_resume(index, qmodel) if index is not None and cfg.adaround.resume else None
     done = state["done"] if state else 0
@@ -129,8 +138,7 @@ def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_sou
             _atomic_save({"done": i + 1, "state": qmodel.state_dict(), "records": records, "curves": curves},
                          ckpt_path)
             if index is not None:
-                index.parent.mkdir(parents=True, exist_ok=True)
-                index.write_text(json.dumps({"checkpoint": str(ckpt_path.resolve()), "done": i + 1}))
+                _write_index(index, ckpt_path, i + 1)
             if on_unit is not None:
                 on_unit(i + 1, len(units), name)
     metrics["units"] = records

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -161,8 +161,13 @@ def _adam(groups: list[dict[str, Any]]) -> FusedAdam | torch.optim.Optimizer:
 
 
 def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg: Any, device: torch.device,
-               seed: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """Learn the unit's rounding (and LSQ step sizes); leave it hard-rounded. Returns record and curve."""
+               seed: int, on_iter: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Learn the unit's rounding (and LSQ step sizes); leave it hard-rounded. Returns record and curve.
+
+    ``on_iter(it)`` is called at the end of every iteration's body, early-stop check included
+    (``ptq.bench`` times iterations by it); it sees nothing it could change, so training is the
+    same with or without it.
+    """
     ada, lsq = cfg.adaround, cfg.lsq
     quantizers = [m.wq for m in unit.modules() if isinstance(m, QLinear) and isinstance(m.wq, AdaRoundQuantizer)]
     steps = [a.scale for a in unit.modules() if isinstance(a, ActQuantizer) and a.mode == "quant"] if lsq.enabled else []
@@ -213,7 +218,10 @@ def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg:
                 for k, val in zip(curve, (it, rec.item(), r, beta), strict=True):
                     curve[k].append(val)
                 bar.set_postfix(loss=f"{curve['loss'][-1]:.4g}", reg=f"{r:.3g}", beta=f"{beta:.1f}", refresh=False)
-            if it >= warm and quantizers and reg.item() < ada.early_stop:
+            stop = bool(it >= warm and quantizers and reg.item() < ada.early_stop)
+            if on_iter is not None:
+                on_iter(it)
+            if stop:
                 early = True
                 break
     finally:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from ptq.atomic import block_markers, write_block
 from ptq.table.frame import METRICS
 from ptq.table.sources import InputError
 
@@ -83,24 +84,16 @@ def render(table: pd.DataFrame, failed: pd.DataFrame | None = None, interrupted:
 
 def markers(block: str = "results") -> tuple[str, str]:
     """The HTML-comment markers around a generated README block."""
-    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+    return block_markers(block)
 
 
 def write_readme_block(readme: Path, text: str, block: str = "results") -> None:
-    """Replace the text between the ``block`` markers of ``readme`` (markers and all else kept byte-identical)."""
-    start, end = markers(block)
+    """Replace the text between the ``block`` markers of ``readme`` (``ptq.atomic.write_block``);
+    InputError when the file or its markers are missing."""
     readme = Path(readme)
     if not readme.is_file():
         raise InputError(f"README not found: {readme}")
-    with open(readme, encoding="utf-8", newline="") as f:
-        old = f.read()
-    if old.count(start) != 1 or old.count(end) != 1 or old.index(start) > old.index(end):
-        raise InputError(f"{readme} needs exactly one '{start}' followed by one '{end}' line")
-    head, rest = old.split(start, 1)
-    _, tail = rest.split(end, 1)
-    nl = "\r\n" if "\r\n" in old else "\n"
-    body = nl + text.strip("\n").replace("\n", nl) + nl
-    new = head + start + body + end + tail
-    if new != old:
-        with open(readme, "w", encoding="utf-8", newline="") as f:
-            f.write(new)
+    try:
+        write_block(readme, block, text)
+    except ValueError as exc:
+        raise InputError(f"{readme} {exc}") from None

@@ -1,0 +1,106 @@
+"""What a user types: every README command composes as written; a misspelt choice stops before any work."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from conftest import CONF, ROOT
+
+COMMAND = re.compile(r"python -m ptq\.main\b(?:[^`\n\\]|\\\n)*")  # up to a backtick or line end; \ continues
+
+
+def readme_commands() -> list[str]:
+    """Every ``python -m ptq.main ...`` of README.md (code blocks and inline), continuations joined,
+    comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for m in COMMAND.finditer(text):
+        cmd = re.sub(r"\\\n\s*", " ", m.group(0))
+        cmd = re.split(r"\s#\s", cmd, maxsplit=1)[0]
+        out.append(" ".join(cmd.split()))
+    return out
+
+
+def readme_choices() -> list[str]:
+    """README's inline code spans made only of overrides that pick a group's option (``aquant=mse``,
+    ``+sweep=w4a8_ablation``), which a reader pastes onto a command line."""
+    out = []
+    for span in re.findall(r"`([^`\n]+)`", (ROOT / "README.md").read_text()):
+        toks = span.split()
+        if all(re.fullmatch(r"[+~]?[\w./]+=\S*", t) for t in toks) and any("." not in t.split("=")[0] for t in toks):
+            out.append(span)
+    return out
+
+
+def jobs_of(command: str) -> list[list[str]]:
+    """The override lists of the runs a command starts: one, or every job of a ``-m`` sweep
+    (expanded by Hydra's own basic sweeper)."""
+    args = shlex.split(command)[3:]
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    assert all(not a.startswith("-") for a in overrides), f"{command}: a flag this test does not know"
+    if not multirun:
+        return [overrides]
+    return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
+
+
+def test_readme_names_the_commands_this_test_checks() -> None:
+    cmds = readme_commands()
+    assert len(cmds) >= 20 and "python -m ptq.main debug=quick" in cmds
+    assert any(c.startswith("python -m ptq.main +sweep=rounding_lr hydra/launcher=slurm") and "mem_gb=64" in c
+               for c in cmds)  # a continued line is read whole
+    assert len(jobs_of("python -m ptq.main -m wbits=4,8 granularity=layer,block")) == 4
+    assert "aquant=mse" in readme_choices() and "data.root=DIR" not in readme_choices()
+
+
+def test_every_readme_command_composes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--cfg job`` for each README line and inline group choice, in one process: each job's config
+    composes (``+experiment=...`` fails here with Hydra's ``Multiple values for experiment``)."""
+    monkeypatch.chdir(ROOT)  # conf/config.yaml puts sweeps/ on the search path relative to the repo root
+    jobs = {tuple(job) for c in readme_commands() if "--help" not in c for job in jobs_of(c)}
+    jobs |= {tuple(span.split()) for span in readme_choices()}
+    failed = []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for job in sorted(jobs):
+            try:
+                compose("config", overrides=list(job), return_hydra_config=True)
+            except Exception as exc:
+                failed.append(f"{' '.join(job)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    assert not failed, "\n".join(failed)
+
+
+def _cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ptq.main", f"hydra.run.dir={tmp_path / 'run'}", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_real_choices_only(tmp_path: Path) -> None:
+    res = _cli("--help", tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    groups = dict(ln.split(": ", 1) for ln in res.stdout.split("== Config ==")[0].splitlines() if ": " in ln)
+    assert groups["model"] == "tiny_digits, vit_b_16" and groups["debug"] == "quick"
+    assert "schema" not in res.stdout.split("== Config ==")[0]
+
+
+@pytest.mark.parametrize(("override", "group", "choice"), [
+    ("experiment=w4a4_bset", "experiment", "w4a4_best"),
+    ("debug=quik", "debug", "quick"),
+    ("model=tiny", "model", "tiny_digits"),
+])
+def test_a_misspelt_choice_stops_before_any_work(tmp_path: Path, override: str, group: str, choice: str) -> None:
+    res = _cli(override, tmp_path=tmp_path)
+    assert res.returncode != 0 and not (tmp_path / "run").exists()  # no run dir, no metrics.json: nothing ran
+    assert f"Could not find '{group}/{override.split('=')[1]}'" in res.stderr
+    listed = res.stderr.split(f"Available options in '{group}':")[1].split("Config search path")[0].split()
+    assert choice in listed and "schema" not in listed
+    expected = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    assert listed == expected
