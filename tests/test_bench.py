@@ -118,3 +118,23 @@ def test_readme_without_markers_is_a_clear_error(quick_run, tmp_path: Path, caps
     with pytest.raises(ValueError, match="perf:start"):
         bench.replace_marked_block(readme.read_text(), "section")
     assert readme.read_text() == "# No markers here\n"
+
+
+def test_onnx_comparison_writes_ratios_profile_and_its_readme_block(tmp_path: Path) -> None:
+    """``--onnx --quick`` on tiny: float and both integer models timed, W8A8 profiled by role, block rendered."""
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- onnx:start -->\nold\n<!-- onnx:end -->\ntail\n")
+    out = tmp_path / "onnx.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench.main(["--onnx", "--quick", "--models", "tiny", "--out", str(out), "--readme", str(readme)]) == 0
+    res = json.loads(out.read_text())
+    tiny = res["models"]["tiny"]
+    assert set(tiny["ratios"]) == {"ort_int_w8a8", "ort_int_w4a8", "ort_int_w8a8_b1", "ort_int_w4a8_b1"}
+    assert all(math.isfinite(v) and v > 0 for v in tiny["ratios"].values())
+    assert all((tmp_path / "onnx_models" / "tiny" / f"{k}.onnx").stat().st_size == v for k, v in tiny["bytes"].items())
+    prof = tiny["profile_int_w8a8"]
+    assert {"gemm", "requant", "shiftmax", "shiftgelu", "layernorm", "residual"} <= set(prof["by_role_ms"])
+    assert abs(sum(prof["by_role_ms"].values()) - prof["total_ms"]) < 0.01 * prof["total_ms"] + 0.1
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- onnx:start -->\n") and text.endswith("<!-- onnx:end -->\ntail\n")
+    assert "old" not in text and "| tiny (batch N = 64) | int_w8a8 |" in text

@@ -17,10 +17,21 @@ from typing import Any
 import torch
 from torchvision.models.vision_transformer import VisionTransformer
 
+from ptq.atomic import replace_block
 from ptq.bench.adaround import bench_adaround
 from ptq.bench.evaluation import bench_eval
 from ptq.bench.memory import cache_report
-from ptq.bench.plans import ADAROUND_BACKENDS, DEFAULT_OUT, PLANS, TARGETS, build_model, images_for, ratio_key
+from ptq.bench.onnxrt import ONNX_BLOCK, onnx_table, run_onnx_bench, update_readme_onnx
+from ptq.bench.plans import (
+    ADAROUND_BACKENDS,
+    DEFAULT_ONNX_OUT,
+    DEFAULT_OUT,
+    PLANS,
+    TARGETS,
+    build_model,
+    images_for,
+    ratio_key,
+)
 from ptq.bench.report import markdown_table, replace_marked_block, update_readme
 from ptq.bench.timing import machine_info
 from ptq.runspec import resolve_device
@@ -95,6 +106,25 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def _onnx_main(models: list[str], args: argparse.Namespace) -> int:
+    """``--onnx``: the onnxruntime comparison alone (or re-rendered ``--from-json``)."""
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+    else:
+        out = DEFAULT_ONNX_OUT if args.out == DEFAULT_OUT else args.out
+        result = run_onnx_bench(models, args.quick, out.parent / "onnx_models")
+        result["created"] = _dt.datetime.now().isoformat(timespec="seconds")
+        result["cpu"] = machine_info(torch.device("cpu")).get("cpu")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=_json_default))
+        log.info("wrote %s", out)
+    print(onnx_table(result))
+    if args.readme is not None:
+        update_readme_onnx(args.readme, result)
+        log.info("updated the onnx block of %s", args.readme)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m ptq.bench", description=DESCRIPTION)
@@ -112,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-malloc", action="store_true",
                    help="raise glibc's mmap/trim thresholds first (large CPU temporaries stop page-faulting)")
     p.add_argument("--readme", type=Path, default=None, help="rewrite this file's perf:start/perf:end block")
+    p.add_argument("--onnx", action="store_true",
+                   help="only the onnxruntime comparison: float.onnx against the W8A8 / W4A8 integer models "
+                        "(JSON to --out, default outputs/bench_onnx.json; README block onnx:start/onnx:end)")
     p.add_argument("--from-json", type=Path, default=None,
                    help="render --readme / the table from this JSON instead of benchmarking")
     args = p.parse_args(argv)
@@ -123,9 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--models: unknown {bad or 'empty list'}; choose from tiny,vit_b_16")
     if args.readme is not None:  # fail before minutes of benchmarking
         try:
-            replace_marked_block(args.readme.read_text(), "")
+            if args.onnx:
+                replace_block(args.readme.read_text(), ONNX_BLOCK, "")
+            else:
+                replace_marked_block(args.readme.read_text(), "")
         except (OSError, ValueError) as exc:
             p.error(f"--readme {args.readme}: {exc}")
+    if args.onnx:
+        return _onnx_main(models, args)
     if args.from_json is not None:
         result = json.loads(args.from_json.read_text())
     else:

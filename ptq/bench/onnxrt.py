@@ -195,3 +195,28 @@ def onnx_table(result: dict[str, Any]) -> str:
             rows.append(f"| {name} (batch N = {res['batch']}) | {key} | {m['b1_ms']:.1f} | {m['batch_ms']:.1f} | "
                         f"{m['img_per_s']:.1f} | {res['bytes'][key] / 1e6:.2f} MB | {b1} | {bn} | {tgt} |")
     return "\n".join(rows)
+
+
+ONNX_BLOCK = "onnx"  # README block between <!-- onnx:start --> and <!-- onnx:end --> (ptq.atomic.write_block)
+
+
+def render_onnx_section(result: dict[str, Any]) -> str:
+    """The README block: how it was measured, the table, and the ratios against their targets."""
+    lines = [f"Measured by `python -m ptq.bench --onnx{' --quick' if result['quick'] else ''}` on "
+             f"{result.get('created', '')[:10]} with {result['runtime']} (CPU execution provider, "
+             f"{result['threads']} threads, {result.get('cpu', 'this machine')}): the float model exported by "
+             "`torch.onnx.export`, the W8A8 and W4A8 ivit models by `ptq.intexec`, timed interleaved in one "
+             "process (median of the rounds). Ratios are integer time / float time: below 1 is faster.", "",
+             onnx_table(result), ""]
+    for name, res in result["models"].items():
+        prof = res["profile_int_w8a8"]
+        roles = ", ".join(f"{k} {v / prof['total_ms'] * 100:.0f} %" for k, v in list(prof["by_role_ms"].items())[:5])
+        lines.append(f"- `{name}` W8A8 time by role (onnxruntime profiler, batch {prof['batch']}): {roles}.")
+    return "\n".join(lines)
+
+
+def update_readme_onnx(path: Path, result: dict[str, Any]) -> None:
+    """Rewrite the README's onnx block from a ``--onnx`` benchmark result."""
+    from ptq.atomic import write_block
+
+    write_block(path, ONNX_BLOCK, render_onnx_section(result))

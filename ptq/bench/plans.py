@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_OUT = Path("outputs/bench.json")
+DEFAULT_ONNX_OUT = Path("outputs/bench_onnx.json")
 PERF_BLOCK = "perf"  # README block between these markers (ptq.atomic.write_block)
 MARK_START, MARK_END = block_markers(PERF_BLOCK)
 ADAROUND_BACKENDS = ("fp", "ivit")
