@@ -8,13 +8,19 @@ from pathlib import Path
 
 from conftest import ROOT
 from ptq import pipeline
+from ptq.data.build import splits
 
-FULL_EVAL = 2396
+
+def full_eval(cfg) -> int:
+    """Images in the whole eval split of ``cfg``'s data (the digits test split: 2,396 today)."""
+    assert cfg.data.eval_images is None
+    return len(splits(cfg)[1])
 
 
 def test_w8a8_ivit_is_bit_exact_on_the_whole_eval_set(compose_cfg, tmp_path: Path) -> None:
-    m = pipeline.run(compose_cfg("nonlinear=ivit", "export=true", "aquant.calib_images=512"), tmp_path / "w8")
-    assert m["intexec"]["n"] == m["n_eval"] == FULL_EVAL
+    cfg = compose_cfg("nonlinear=ivit", "export=true", "aquant.calib_images=512")
+    m = pipeline.run(cfg, tmp_path / "w8")
+    assert m["intexec"]["n"] == m["n_eval"] == full_eval(cfg)
     assert m["intexec"]["exact"] and m["intexec"]["mismatches"] == 0
     assert m["intexec"]["widths"]["all_accumulators_fit_int32"]
 
@@ -24,9 +30,10 @@ def test_w4a8_adaround_artefact_reloads_and_reproduces(compose_cfg, tmp_path: Pa
                       "aquant.calib_images=256", "adaround.iters=30", "adaround.calib_images=128")
     run_dir = tmp_path / "w4"
     m = pipeline.run(cfg, run_dir)
-    assert m["intexec"] == {**m["intexec"], "exact": True, "mismatches": 0, "n": FULL_EVAL}
+    n = full_eval(cfg)
+    assert m["intexec"] == {**m["intexec"], "exact": True, "mismatches": 0, "n": n}
     # a fresh process reloads the exported artefact (no model code) and checks it against the run's model
     res = subprocess.run([sys.executable, "-m", "ptq.intexec", str(run_dir)], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"mismatches=0/{FULL_EVAL}" in res.stdout
+    assert f"mismatches=0/{n}" in res.stdout
