@@ -80,7 +80,7 @@ def _run(sess: ort.InferenceSession, x: np.ndarray) -> float:
 def bench_ort(models: dict[str, bytes], images: Tensor, batch: int, repeats: int,
               threads: int = THREADS) -> dict[str, Any]:
     """Median seconds per run of each model at batch 1 and at ``batch``, interleaved; ratios to float."""
-    sessions = {k: session(v, threads) for k, v in models.items()}
+    sessions = {k: session(v, threads, spin=True) for k, v in models.items()}
     x_b = images[:batch].float().numpy()
     x_1 = images[:1].float().numpy()
     times: dict[str, dict[str, list[float]]] = {k: {"b1": [], "batch": []} for k in sessions}

@@ -89,11 +89,18 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return dbg
 
 
-def session(model: Path | str | bytes, threads: int = THREADS) -> ort.InferenceSession:
-    """A CPU onnxruntime session over a model file or serialized model bytes."""
+def session(model: Path | str | bytes, threads: int = THREADS, spin: bool = False) -> ort.InferenceSession:
+    """A CPU onnxruntime session over a model file or serialized model bytes.
+
+    ``spin=False`` (verification): onnxruntime's pool threads sleep between runs instead of
+    spinning; spinning threads starve torch's own threads when the simulation runs in between,
+    which slowed verification and the tests many times over on two cores.
+    """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # errors only: unused-initializer notes are not news
     src = model if isinstance(model, bytes) else str(model)
     try:
