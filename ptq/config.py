@@ -113,12 +113,23 @@ class AdaRoundConfig:
     early_stop: float = 1e-5
     resume: bool = True  # continue after the last finished unit of an interrupted identical run
     compile: bool = True  # torch.compile the unit's loss (the ivit kernels are opaque ops inside it)
+    qdrop_prob: float = 0.0  # QDrop: per iteration, each activation element keeps its float value with this probability
+    loss: str = "mse"  # reconstruction loss: mse, or fisher (output error weighted by squared task-loss gradients)
 
 
 @dataclass
 class LSQConfig:
     enabled: bool = True
     lr: float = 4e-5
+
+
+@dataclass
+class SensitivityConfig:
+    """``python -m ptq.sensitivity``: which quantizer groups cost the accuracy (float / 8-bit one at a time)."""
+
+    eval_images: int = 512  # fixed eval subset every variant is measured on
+    high_bits: int = 8  # the width a group is raised to
+    plot: str | None = None  # also write the bar chart here (e.g. docs/sensitivity_w4a4_best.png)
 
 
 @dataclass
@@ -147,6 +158,7 @@ class Config:
     granularity: GranularityConfig = field(default_factory=GranularityConfig)
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
     lsq: LSQConfig = field(default_factory=LSQConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     wbits: int = 8
     abits: int = 8
@@ -168,6 +180,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "granularity.name": ("layer", "block", "encoder", "model"),
     "device": ("auto", "cpu", "cuda"),
     "tracking.mode": ("online", "offline", "disabled"),
+    "adaround.loss": ("mse", "fisher"),
 }
 
 
@@ -245,7 +258,10 @@ def validate(cfg: Any) -> None:
     check("adaround.warmup", 0.0 <= ada.warmup < 1.0, "a fraction in [0, 1)")
     check("adaround.beta_start", ada.beta_start >= ada.beta_end > 0, "beta_start >= beta_end > 0")
     check("adaround.early_stop", ada.early_stop >= 0, "a non-negative threshold")
+    check("adaround.qdrop_prob", 0.0 <= ada.qdrop_prob < 1.0, "a probability in [0, 1)")
     check("lsq.lr", cfg.lsq.lr > 0, "a positive learning rate")
+    check("sensitivity.eval_images", cfg.sensitivity.eval_images >= 1, "a positive number of images")
+    check("sensitivity.high_bits", 2 <= cfg.sensitivity.high_bits <= 16, "an integer from 2 to 16")
     check("aquant.percentile", 50.0 < cfg.aquant.percentile <= 100.0, "a percentile in (50, 100]")
     check("aquant.search_grid", cfg.aquant.search_grid >= 2, "at least 2 clipping candidates")
     check("aquant.ln_reparam_alpha", 0.0 < cfg.aquant.ln_reparam_alpha <= 1.0, "a strength in (0, 1]")

@@ -12,8 +12,8 @@ A *row* is the dict stored under ``metrics.json["row"]``::
      "softmax": {"n": 15, "out_bits": 8}, "gelu": {"n": 23, "sig_bits": 8},
      "idadd_bits": 16}
 
-plus ``"ln_reparam": True``, ``"kernel_in_bits": 8`` and ``softmax["log2"] = True`` when those
-options are on.
+plus ``"ln_reparam": True``, ``"kernel_in_bits": 8``, ``softmax["log2"] = True``, ``"qdrop": 0.5``
+(AdaRound's QDrop probability) and ``"recon_loss": "fisher"`` when those options are on.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ def row_name(row: Mapping[str, Any]) -> str:
         parts.append(str(row["granularity"]))
         if row.get("lsq") and row.get("aquant", "none") != "none":
             parts.append("lsq")
+        if row.get("qdrop"):
+            parts.append(f"qdrop{row['qdrop']:g}")
+        if row.get("recon_loss"):
+            parts.append(str(row["recon_loss"]))
     if row.get("aquant") in ("mse", "percentile"):
         parts.append(str(row["aquant"]))
     if row.get("ln_reparam"):

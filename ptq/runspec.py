@@ -34,7 +34,8 @@ def resolve_device(name: str) -> torch.device:
 def row_of(cfg: Any) -> dict[str, Any]:
     """The config fields that name this run's results-table row (see ptq.naming).
 
-    Options added later (``ln_reparam``, ``kernel_in_bits``, ``softmax.log2``) appear only when on, so earlier
+    Options added later (``ln_reparam``, ``kernel_in_bits``, ``softmax.log2``, AdaRound's ``qdrop`` and
+    ``recon_loss``) appear only when on, so earlier
     runs' rows (and names) stay what they were.
     """
     row = {
@@ -58,6 +59,10 @@ def row_of(cfg: Any) -> dict[str, Any]:
         row["kernel_in_bits"] = int(cfg.aquant.kernel_in_bits)
     if cfg.nonlinear.softmax.log2:
         row["softmax"]["log2"] = True
+    if cfg.wquant.name == "adaround" and cfg.adaround.qdrop_prob > 0:
+        row["qdrop"] = float(cfg.adaround.qdrop_prob)
+    if cfg.wquant.name == "adaround" and cfg.adaround.loss != "mse":
+        row["recon_loss"] = str(cfg.adaround.loss)
     return row
 
 

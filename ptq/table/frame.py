@@ -37,6 +37,10 @@ def _labels(row: Mapping[str, Any]) -> dict[str, Any]:
         wl = "Abs"
     elif wq == "adaround":
         wl = f"AdaRound({str(row.get('granularity') or '?').capitalize()})"
+        if row.get("qdrop"):
+            wl += "+QDrop"
+        if row.get("recon_loss") == "fisher":
+            wl += "+Fisher"
     else:
         wl = "-" if wq == "none" else str(wq)
     if aq == "none":
@@ -64,7 +68,8 @@ def _sort_keys(row: Mapping[str, Any]) -> dict[str, Any]:
         "_w": -w,
         "_aq": (100 * int(bool(row.get("lsq"))) if wq == "adaround" else 0) + 10 * A_RANK.get(row.get("aquant"), 0)
         + 2 * int(bool(row.get("ln_reparam"))) + int(bool((row.get("softmax") or {}).get("log2")))
-        + 4 * int(bool(row.get("kernel_in_bits"))),
+        + 4 * int(bool(row.get("kernel_in_bits"))) + 200 * int(bool(row.get("qdrop")))
+        + 400 * int(row.get("recon_loss") == "fisher"),
     }
 
 
