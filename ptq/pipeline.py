@@ -142,13 +142,29 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str,
     return metrics
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], progress: Progress) -> None:
+def setup(cfg: DictConfig) -> tuple[torch.device, StageCache]:
+    """What a process does before it loads anything for a config: seed, device, allocator, caches."""
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
     tune_malloc()
     use_compile_cache(cfg.cache_dir)
+    return device, StageCache(cfg.cache_dir or ".", enabled=cfg.cache_dir is not None)
+
+
+def calibrated(cfg: DictConfig, fp_model: nn.Module, calib_source: Any, device: torch.device, cache: StageCache,
+               cached: dict[str, bool]) -> QuantViT:
+    """The config's QuantViT with every activation step fixed (stage-cached), or activations off at A32."""
+    qmodel = QuantViT(fp_model, settings_of(cfg)).to(device)
+    if qmodel.settings.abits is not None:
+        calib.calibrate_cached(cfg, qmodel, calib_source, device, cache, cached)
+    else:
+        qmodel.set_mode("off")
+    return qmodel
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], progress: Progress) -> None:
+    device, cache = setup(cfg)
     seconds, cached = metrics["seconds"], metrics["cached"]
-    cache = StageCache(cfg.cache_dir or ".", enabled=cfg.cache_dir is not None)
     log.info("run %s on %s -> %s", metrics["name"], device, run_dir)
 
     fp_model = load_model(cfg).to(device)
@@ -165,12 +181,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], progres
         qmodel: nn.Module = fp_model
         seconds["calibrate"] = seconds["reconstruct"] = 0.0
     else:
-        qmodel = QuantViT(fp_model, st).to(device)
         with stage(seconds, "calibrate", progress):
-            if st.abits is not None:
-                calib.calibrate_cached(cfg, qmodel, calib_source, device, cache, cached)
-            else:
-                qmodel.set_mode("off")
+            qmodel = calibrated(cfg, fp_model, calib_source, device, cache, cached)
         with stage(seconds, "reconstruct", progress):
             reconstruct(cfg, qmodel, fp_model, calib_source, device, run_dir, metrics, progress)
 
