@@ -89,16 +89,18 @@ def test_chunked_batches_sample_what_one_draw_per_iteration_samples(monkeypatch:
     cpu = torch.device("cpu")
     per_iter = 7 * 3 * 5 * 4 * 4  # bytes of one iteration's three batches
     monkeypatch.setattr(unitcache, "BATCH_CHUNK_BYTES", 3 * per_iter)  # chunks of 3 iterations, 11 = 3+3+3+2
-    for n in (normed, None):
-        got = list(batches(inputs, targets, n, 7, 11, torch.Generator().manual_seed(9), cpu))
+    fisher = Cached(torch.rand(50, 5, 4, generator=g))
+    for n, f in ((normed, None), (None, fisher)):
+        got = list(batches(inputs, targets, n, 7, 11, torch.Generator().manual_seed(9), cpu, f))
         ref_gen = torch.Generator().manual_seed(9)
         assert len(got) == 11
-        for x, t, nb in got:
+        for x, t, nb, fb in got:
             idx = torch.randint(50, (7,), generator=ref_gen)
             ref_x = inputs.take(idx, cpu)
             assert torch.equal(x.v, ref_x.v) and torch.equal(x.s, ref_x.s) and x.bits == 16
             assert torch.equal(t, targets.take_real(idx, cpu))
             assert (nb is None) if n is None else torch.equal(nb.v, normed.take(idx, cpu).v)
+            assert (fb is None) if f is None else torch.equal(fb, fisher.take_real(idx, cpu))
 
 
 @pytest.mark.parametrize("backend", ["fp", "ivit"])

@@ -117,6 +117,8 @@ class ActQuantizer(nn.Module):
         self.register_buffer("hist", torch.zeros(HIST_BINS if self.searched else 0, dtype=torch.float64))
         self.mode = "off"
         self.name = ""
+        self.qdrop = 0.0  # QDrop while reconstructing: per element, the probability of passing the float value
+        self.feeds_kernel = False  # its output is an integer kernel's input (ivit): QDrop never drops it
 
     @property
     def searched(self) -> bool:
@@ -204,8 +206,19 @@ class ActQuantizer(nn.Module):
         else:
             # training: fake quantization of the real value. For an integer input it equals the
             # dyadic requantizer except where x*s_in/s_out lies within 2**-31 of a rounding tie.
-            q = fake_quant(x.real(), s, *qrange(self.bits, self.signed))
+            real = x.real()
+            q = self._drop(real, s, fake_quant(real, s, *qrange(self.bits, self.signed)))
         return self._emit(q, s)
+
+    def _drop(self, real: Tensor, s: Tensor, q: Tensor) -> Tensor:
+        """QDrop (training only): each element keeps its float value ``real / s`` with probability ``qdrop``.
+
+        A fresh mask every call, i.e. every iteration. A dropped element's real value ``v * s`` is
+        the float value itself, so it passes no gradient to the step ``s``.
+        """
+        if self.qdrop <= 0.0:
+            return q
+        return torch.where(torch.rand_like(q) < self.qdrop, real / s, q)
 
     def add(self, a: QTensor, b: QTensor) -> QTensor:
         """Residual add (IdAdd): requantize both operands to this scale unclamped, add, clamp once.
@@ -217,7 +230,8 @@ class ActQuantizer(nn.Module):
             return self(QTensor.from_float(a.real() + b.real()))
         if torch.is_grad_enabled():  # training: fake quantization of the sum (see forward)
             s = self._step(a.v)
-            return self._emit(fake_quant(a.real() + b.real(), s, *qrange(self.bits, self.signed)), s)
+            real = a.real() + b.real()
+            return self._emit(self._drop(real, s, fake_quant(real, s, *qrange(self.bits, self.signed))), s)
         sd = self.scale
         g = graph_of(a.v)
         if g is not None:  # exporting: both operands requantized unclamped, a float one folded

@@ -54,14 +54,18 @@ class QuantSettings:
         These tensors feed an integer kernel, not a matmul, so a W4A4 model whose every matmul
         operand is 4-bit can keep them at the width integer-ops.md specifies for the kernels.
         """
-        return self.act(self.kernel_in_bits)
+        q = self.act(self.kernel_in_bits)
+        q.feeds_kernel = self.backend.integer
+        return q
 
     def residual(self) -> ActQuantizer:
         """The residual stream's quantizer (IdAdd, ``idadd_bits``), always moving-average absmax.
 
         Its 16 bits have room for every outlier, and clipping it would clip the stream itself.
         """
-        return self.act(self.idadd_bits, method="movavg")
+        q = self.act(self.idadd_bits, method="movavg")
+        q.feeds_kernel = self.backend.integer  # the next I-LayerNorm reads it
+        return q
 
     def act(self, bits: int | None = None, signed: bool = True, enabled: bool = True,
             method: str | None = None) -> ActQuantizer:

@@ -34,7 +34,7 @@ from ptq.quant.rounding import install_adaround
 from ptq.quant.vit import QLinear, QuantSettings, QuantViT
 from ptq.recon.plots import plot_reconstruction
 from ptq.recon.train import flush_denormals, train_unit
-from ptq.recon.unitcache import capture
+from ptq.recon.unitcache import capture, capture_fisher
 from ptq.runspec import row_of
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,9 @@ def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_sou
                 continue
             inputs = capture(qmodel, unit, images, device, "input", bs)
             targets = capture(twin, twin_units[name], images, device, "output", bs)
-            record, curve = train_unit(name, unit, inputs, targets, cfg, device, seed=int(cfg.seed) * 100003 + i)
+            fisher = capture_fisher(twin, twin_units[name], images, device, bs) if ada.loss == "fisher" else None
+            record, curve = train_unit(name, unit, inputs, targets, cfg, device, seed=int(cfg.seed) * 100003 + i,
+                                       fisher=fisher)
             records.append(record)
             curves[name] = curve
             log.info("unit %d/%d %s: loss %.4g -> %.4g in %d iters (%s, %.1fs)", i + 1, len(units), name,

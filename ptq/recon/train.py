@@ -1,9 +1,11 @@
 """AdaRound's training loop for one unit: learned rounding and LSQ step sizes (spec/adaround.md).
 
 Each iteration is one forward and backward of the unit on a batch sampled from its cache
-(``ptq.recon.unitcache``): reconstruction MSE against the float targets plus the rounding
-regularizer with an annealed beta, one Adam step over the rounding variables and the
-activation steps. The step is compiled once per unit class (``adaround.compile``).
+(``ptq.recon.unitcache``): reconstruction MSE against the float targets (``adaround.loss=fisher``:
+weighted by the unit's Fisher weights) plus the rounding regularizer with an annealed beta, one
+Adam step over the rounding variables and the activation steps. With ``adaround.qdrop_prob`` the
+unit's activation quantizers pass a random part of their elements in float (QDrop). The step is
+compiled once per unit class (``adaround.compile``).
 """
 
 from __future__ import annotations
@@ -37,25 +39,34 @@ def beta_at(step: int, iters: int, warm: int, start: float, end: float) -> float
 
 
 @torch.no_grad()
-def unit_loss(unit: nn.Module, inputs: Cached, targets: Cached, device: torch.device) -> float:
+def unit_loss(unit: nn.Module, inputs: Cached, targets: Cached, device: torch.device,
+              fisher: Cached | None = None) -> float:
     """Reconstruction loss of the unit as it is now, on the first EVAL_BATCH cached images."""
     idx = torch.arange(min(EVAL_BATCH, len(inputs)))
     out = as_real(unit(inputs.take(idx, device)))
-    return recon_loss(out, targets.take_real(idx, device)).item()
+    weight = fisher.take_real(idx, device) if fisher is not None else None
+    return recon_loss(out, targets.take_real(idx, device), weight).item()
 
 
-def recon_loss(out: Tensor, target: Tensor) -> Tensor:
-    """Squared error summed over each sample's features, averaged over the batch (BRECQ)."""
-    return (out - target).pow(2).flatten(1).sum(1).mean()
+def recon_loss(out: Tensor, target: Tensor, fisher: Tensor | None = None) -> Tensor:
+    """Squared error summed over each sample's features, averaged over the batch (BRECQ).
+
+    ``fisher``: per-element weights of the squared error (BRECQ's diagonal Fisher), or None.
+    """
+    err = (out - target).pow(2)
+    if fisher is not None:
+        err = err * fisher
+    return err.flatten(1).sum(1).mean()
 
 
 def unit_recon_loss(unit: nn.Module, x: Value, target: Tensor, beta: Tensor,
-                    normed: Value | None = None) -> tuple[Tensor, Tensor]:
+                    normed: Value | None = None, fisher: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One batch's reconstruction loss of the unit and its rounding regularizer at ``beta``.
 
-    ``normed``: the unit's first LayerNorm of ``x``, precomputed (``unitcache.precompute_norm``).
+    ``normed``: the unit's first LayerNorm of ``x``, precomputed (``unitcache.precompute_norm``);
+    ``fisher``: the batch's Fisher weights (``unitcache.capture_fisher``) or None.
     """
-    rec = recon_loss(as_real(unit(x) if normed is None else unit(x, normed)), target)
+    rec = recon_loss(as_real(unit(x) if normed is None else unit(x, normed)), target, fisher)
     reg = torch.zeros((), device=target.device)
     for m in unit.modules():
         if isinstance(m, AdaRoundQuantizer):
@@ -64,13 +75,13 @@ def unit_recon_loss(unit: nn.Module, x: Value, target: Tensor, beta: Tensor,
 
 
 def unit_step_loss(unit: nn.Module, x: Value, target: Tensor, beta: Tensor, weight: Tensor,
-                   normed: Value | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   normed: Value | None = None, fisher: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The training objective ``rec + weight * reg`` and its two parts.
 
     The sum is part of the compiled graph, so neither it nor its backward runs as eager ops
     between the graph and ``backward`` (``weight`` is 0 during the warm-up).
     """
-    rec, reg = unit_recon_loss(unit, x, target, beta, normed)
+    rec, reg = unit_recon_loss(unit, x, target, beta, normed, fisher)
     return rec + weight * reg, rec, reg
 
 
@@ -161,24 +172,30 @@ def _adam(groups: list[dict[str, Any]]) -> FusedAdam | torch.optim.Optimizer:
 
 
 def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg: Any, device: torch.device,
-               seed: int, on_iter: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, list[float]]]:
+               seed: int, on_iter: Callable[[int], None] | None = None,
+               fisher: Cached | None = None) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """Learn the unit's rounding (and LSQ step sizes); leave it hard-rounded. Returns record and curve.
 
     ``on_iter(it)`` is called at the end of every iteration's body, early-stop check included
     (``ptq.bench`` times iterations by it); it sees nothing it could change, so training is the
-    same with or without it.
+    same with or without it. ``fisher``: the unit's Fisher weights (``adaround.loss=fisher``), which
+    weight the training loss and the before/after check alike.
     """
     ada, lsq = cfg.adaround, cfg.lsq
     quantizers = [m.wq for m in unit.modules() if isinstance(m, QLinear) and isinstance(m.wq, AdaRoundQuantizer)]
-    steps = [a.scale for a in unit.modules() if isinstance(a, ActQuantizer) and a.mode == "quant"] if lsq.enabled else []
+    acts = [a for a in unit.modules() if isinstance(a, ActQuantizer) and a.mode == "quant"]
+    steps = [a.scale for a in acts] if lsq.enabled else []
+    dropped = [a for a in acts if not a.feeds_kernel] if ada.qdrop_prob > 0 else []
     t0 = time.perf_counter()
-    loss_before = unit_loss(unit, inputs, targets, device)
+    loss_before = unit_loss(unit, inputs, targets, device, fisher)
     nearest = {k: v.detach().clone() for k, v in unit.state_dict().items()}  # untrained V = nearest rounding
     for q in quantizers:
         q.soft = True
         q.v.requires_grad_(True)
     for p in steps:
         p.requires_grad_(True)
+    for a in dropped:
+        a.qdrop = float(ada.qdrop_prob)
     groups = [{"params": [q.v for q in quantizers], "lr": ada.lr}]
     if steps:
         groups.append({"params": steps, "lr": lsq.lr})
@@ -191,22 +208,22 @@ def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg:
     early = False
     it = 0
     weights = (torch.zeros((), device=device), torch.tensor(float(ada.reg_weight), device=device))
-    stream = batches(inputs, targets, normed, ada.batch_size, ada.iters, gen, device)
+    stream = batches(inputs, targets, normed, ada.batch_size, ada.iters, gen, device, fisher)
     bar = tqdm(range(ada.iters), desc=f"adaround {name}", leave=False)
     try:
         for it in bar:
-            x, t, n = next(stream)
+            x, t, n, f = next(stream)
             beta = beta_at(it, ada.iters, warm, ada.beta_start, ada.beta_end)
             beta_t = torch.tensor(beta, device=device)
             weight = weights[it >= warm]
             try:
-                loss, rec, reg = loss_fn(unit, x, t, beta_t, weight, n)
+                loss, rec, reg = loss_fn(unit, x, t, beta_t, weight, n, f)
             except Exception as exc:  # a backend torch.compile cannot handle here: run eagerly
                 if loss_fn is unit_step_loss:
                     raise
                 log.warning("torch.compile failed for %s (%s); AdaRound continues eagerly", name, type(exc).__name__)
                 loss_fn = unit_step_loss
-                loss, rec, reg = loss_fn(unit, x, t, beta_t, weight, n)
+                loss, rec, reg = loss_fn(unit, x, t, beta_t, weight, n, f)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -231,7 +248,9 @@ def train_unit(name: str, unit: nn.Module, inputs: Cached, targets: Cached, cfg:
             q.v.requires_grad_(False)
         for p in steps:
             p.requires_grad_(False)
-    loss_after = unit_loss(unit, inputs, targets, device)
+        for a in dropped:
+            a.qdrop = 0.0
+    loss_after = unit_loss(unit, inputs, targets, device, fisher)
     kept_nearest = not loss_after <= loss_before
     if kept_nearest:  # learned rounding (and steps) lost to nearest rounding on the check batch: keep nearest
         unit.load_state_dict(nearest)

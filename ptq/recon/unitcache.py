@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptq.quant.qtensor import QTensor
@@ -93,6 +94,38 @@ def capture(model: nn.Module, unit: nn.Module, images: Tensor, device: torch.dev
     return Cached.pack(got)
 
 
+def capture_fisher(model: nn.Module, unit: nn.Module, images: Tensor, device: torch.device,
+                   batch_size: int) -> Cached:
+    """Fisher weights of the unit's output: squared task-loss gradients, normalised to mean 1 (BRECQ).
+
+    ``model`` is the float model (AdaRound's twin); the task loss is the cross-entropy of its logits
+    against its own predictions, summed over the images, so each image's gradient is its own (there
+    are no labels in calibration). The gradient is taken at the float model, the point BRECQ's
+    second-order expansion is made at. Normalising to mean 1 over the cache keeps the weighted loss
+    on the scale of the plain one, so ``adaround.reg_weight`` and the learning rates carry over.
+    Computed once per unit; one forward and backward of the model per batch.
+    """
+    grads: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+        leaf = as_real(output).detach().requires_grad_(True)
+        grads.append(leaf)
+        return QTensor.from_float(leaf) if isinstance(output, QTensor) else leaf
+
+    handle = unit.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            for start in range(0, images.shape[0], batch_size):
+                logits = as_real(model(images[start:start + batch_size].to(device)))
+                F.cross_entropy(logits, logits.argmax(1).detach(), reduction="sum").backward()
+    finally:
+        handle.remove()
+    sq = torch.cat([g.grad.detach().float().pow(2).cpu() for g in grads])
+    mean = sq.mean()
+    sq = sq / mean if float(mean) > 0 else torch.ones_like(sq)
+    return Cached.pack([sq])
+
+
 @torch.no_grad()
 def precompute_norm(unit: nn.Module, inputs: Cached, device: torch.device, batch_size: int = 256) -> Cached | None:
     """The unit's first LayerNorm (before its quantizer) over every cached input, or None.
@@ -122,8 +155,10 @@ def rows(x: Value, start: int, stop: int) -> Value:
 
 
 def batches(inputs: Cached, targets: Cached, normed: Cached | None, size: int, iters: int, gen: torch.Generator,
-            device: torch.device) -> Iterator[tuple[Value, Tensor, Value | None]]:
-    """``iters`` training batches of ``size`` random samples: (inputs, real targets, normed inputs or None).
+            device: torch.device, fisher: Cached | None = None
+            ) -> Iterator[tuple[Value, Tensor, Value | None, Tensor | None]]:
+    """``iters`` training batches of ``size`` random samples: (inputs, real targets, normed inputs or None,
+    Fisher weights or None).
 
     The indices of several iterations are drawn in one call (the same sequence as one call per
     iteration: a seeded run samples what it sampled before) and each cache is gathered once for
@@ -131,7 +166,7 @@ def batches(inputs: Cached, targets: Cached, normed: Cached | None, size: int, i
     iteration and cache: the per-call cost of ``index_select`` was a few percent of a small
     unit's step. A chunk stays under BATCH_CHUNK_BYTES (one iteration per chunk for large units).
     """
-    caches = [c for c in (inputs, targets, normed) if c is not None]
+    caches = [c for c in (inputs, targets, normed, fisher) if c is not None]
     per_iter = size * sum(c.v[0].numel() for c in caches) * 4
     chunk = max(1, min(iters, BATCH_CHUNK_BYTES // max(1, per_iter)))
     done = 0
@@ -140,7 +175,8 @@ def batches(inputs: Cached, targets: Cached, normed: Cached | None, size: int, i
         idx = torch.randint(len(inputs), (m * size,), generator=gen)
         x, t = inputs.take(idx, device), targets.take_real(idx, device)
         n = normed.take(idx, device) if normed is not None else None
+        w = fisher.take_real(idx, device) if fisher is not None else None
         for j in range(m):
             a, b = j * size, (j + 1) * size
-            yield rows(x, a, b), t[a:b], None if n is None else rows(n, a, b)
+            yield rows(x, a, b), t[a:b], None if n is None else rows(n, a, b), None if w is None else w[a:b]
         done += m
