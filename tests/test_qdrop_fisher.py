@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ptq import pipeline
-from ptq.quant.quantizers import ActQuantizer
 from ptq.quant.qtensor import QTensor
+from ptq.quant.quantizers import ActQuantizer
 from ptq.quant.vit import QuantSettings, QuantViT
 from ptq.recon import adaround, train, unitcache
 

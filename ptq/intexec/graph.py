@@ -152,10 +152,11 @@ class OnnxGraph:
 
     def _vec(self, v: np.ndarray, hint: str) -> str:
         """A per-tensor (scalar) or per-channel (last axis) int64 constant."""
-        return self.em.const(v.reshape(()) if v.size == 1 else v, hint=hint)
+        return self.em.const(self._shape_k(v), hint=hint)
 
     @staticmethod
     def _shape_k(k: np.ndarray) -> np.ndarray:
+        """A per-tensor value as a scalar, a per-channel one as it is (broadcast over the last axis)."""
         return k.reshape(()) if k.size == 1 else k
 
     def _limb_requant(self, q: str, x: Sym, m64: np.ndarray, e64: np.ndarray, name: str) -> str:

@@ -260,7 +260,8 @@ def shift_gelu(q: Tensor, s: ScaleLike, n: int = 23, sig_bits: int = 8,
     """Integer GELU ``x * sigmoid(1.702 x)`` (spec "shift_gelu"); sigmoid reduced over the last dim.
 
     Returns ``q * g`` (int64) and its scale ``s / 2**(sig_bits-1)`` (float32 0-d tensor),
-    with ``0 <= g <= 2**(sig_bits-1)``. ``e2 = int_exp(-max(q))`` has a positive argument
+    with ``0 <= g``, at most ``2**(sig_bits-1)`` unless ``e1`` alone passes ``2**31 - 1`` (then
+    ``g = e1 >> (32 - sig_bits)``; the bound the ONNX export declares, ``OnnxGraph.shift_gelu``). ``e2 = int_exp(-max(q))`` has a positive argument
     when a row is all negative; it is computed capped at ``2**31 - 1``, which is exact for
     ``total = min(e1 + e2, 2**31 - 1)``.
 
