@@ -100,7 +100,8 @@ class Backend:
         """Attention probabilities; the ivit output is UINT(out_bits) at scale 2^-(out_bits-1).
 
         With ``softmax_log2`` they are powers of two (:func:`ptq.quant.ivit.log2_probs` of a
-        16-bit Shiftmax) at scale 2^-14.
+        16-bit Shiftmax) at scale 2^-14. With ``out_q`` off (probabilities left float by a
+        sensitivity scan, ``ptq.quant.groups``) the float op runs; export never sees that state.
         """
         g = graph_of(x.v) if self.integer and x.integer else None
         if g is not None:  # exporting: the kernels as graph nodes, their output scales from the kernels
@@ -111,7 +112,7 @@ class Backend:
                 p = g.log2_probs(p, name)
                 _, s = ivit.log2_probs(torch.zeros(1, dtype=torch.int64))
             return QTensor(p, s.to(torch.float32), self.probs_bits, signed=False)
-        if self.integer and x.integer:
+        if self.integer and x.integer and out_q.mode != "off":
             with torch.no_grad():
                 if self.softmax_log2:
                     p, _ = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, ivit.LOG2_IN_BITS)
