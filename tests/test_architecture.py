@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ptq.runspec",),
     ("ptq.calib", "ptq.evaluate", "ptq.recon", "ptq.intexec"),
     ("ptq.pipeline",),
-    ("ptq.main", "ptq.bench", "ptq.table"),
+    ("ptq.main", "ptq.bench", "ptq.table", "ptq.sensitivity"),
 ]
 
 
