@@ -17,8 +17,9 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(PY) -m ptq.main $(ARGS)
 
+# two workers (pytest-xdist), one thread each: the suite's CLI runs spend much of their time importing
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
