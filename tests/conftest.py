@@ -9,21 +9,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-from ptq.config import register_configs
+XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST:
+    # `make test` runs two pytest workers on the 2-core machine: one thread each, and the same for the CLI
+    # subprocesses they start, so that the two never oversubscribe the cores. torch.compile's pool of
+    # compile processes is off too: two workers' pools on two cores made a compile-heavy test 2.2x
+    # slower (84 s against 38 s for test_saving_transcendentals..., measured alone).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+
+import torch  # noqa: E402  (after the thread settings above)
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from ptq.config import register_configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two pytest workers on the 2-core machine: one thread each, and the same for the CLI
-    # subprocesses they start, so that the two never oversubscribe the cores
-    os.environ["OMP_NUM_THREADS"] = "1"
+if XDIST:
     torch.set_num_threads(1)
 else:
     torch.set_num_threads(2)
