@@ -110,6 +110,22 @@ def record_failure(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
                                           "name": name, "row": row, "group": cfg.tracking.group})
 
 
+@contextmanager
+def recorded(metrics: dict[str, Any], path: Path, tracker: Any | None = None) -> Iterator[None]:
+    """The body's outcome in ``metrics`` and at ``path``: ``status`` ok, or failed with the error (the
+    tracker finished with it, the exception raised on), so a crashed run or scan never looks complete."""
+    try:
+        yield
+        metrics["status"] = "ok"
+    except BaseException as exc:
+        metrics.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        write_json(path, metrics)
+        if tracker is not None:
+            tracker.finish(metrics)
+        raise
+    write_json(path, metrics)
+
+
 def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str, Any]:
     """Run one configuration end to end; returns (and writes) its metrics."""
     check_inputs(cfg)
@@ -123,17 +139,9 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str,
     write_json(metrics_path, metrics)
     if tracker is not None:
         tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, name, row)
-    try:
+    with recorded(metrics, metrics_path, tracker):
         _run_stages(cfg, run_dir, metrics, Progress(metrics, metrics_path))
-        metrics["status"] = "ok"
         metrics.pop("progress", None)
-    except BaseException as exc:
-        metrics.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        write_json(metrics_path, metrics)
-        if tracker is not None:
-            tracker.finish(metrics)
-        raise
-    write_json(metrics_path, metrics)
     if tracker is not None:
         tracker.log_curves(metrics.get("curves") or {})
         if metrics.get("recon_plot"):

@@ -25,7 +25,7 @@ from ptq.config import ConfigError
 from ptq.data import build as data_build
 from ptq.evaluate import fidelity, float_baseline, predict, topk_accuracy
 from ptq.models.zoo import load_model
-from ptq.pipeline import calibrated, setup, stage, write_json
+from ptq.pipeline import calibrated, recorded, setup, stage, write_json
 from ptq.quant.groups import groups, left_float, raisable, raised
 from ptq.quant.vit import QuantViT
 from ptq.runspec import eval_set, row_of
@@ -93,16 +93,8 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str,
         plain = OmegaConf.to_container(cfg, resolve=True)
         plain["tracking"]["tags"] = [*plain["tracking"]["tags"], "sensitivity"]
         tracker.start(plain, run_dir, f"{name} sensitivity", row)
-    try:
+    with recorded(metrics, path, tracker):
         _scan(cfg, run_dir, metrics)
-        metrics["status"] = "ok"
-    except BaseException as exc:
-        metrics.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        write_json(path, metrics)
-        if tracker is not None:
-            tracker.finish(metrics)
-        raise
-    write_json(path, metrics)
     if tracker is not None:
         tracker.log({f"sensitivity/{r['group']}/{k}": r[k] for r in metrics["groups"] if not r.get("skipped")
                      for k in ("cost_float", "cost_high", "float_kl", "high_kl")})
