@@ -76,3 +76,27 @@ def small_vit(layers: int = 2, dim: int = 32, heads: int = 2, image: int = 16, p
                 m.bias.uniform_(-0.2, 0.2)
         model.heads.head.weight.normal_(0, 0.05)
     return model.eval()
+
+
+def adaround_block_unit(cfg: DictConfig, kind: str):
+    """The embedded default calibrated on 64 seeded random images with AdaRound installed, its float twin,
+    the images, and the inputs / float targets of ``blocks.1.<kind>`` (``attn`` or ``mlp``)."""
+    from ptq.calib import calibrate
+    from ptq.models.zoo import load_model
+    from ptq.quant.rounding import install_adaround
+    from ptq.quant.vit import QuantSettings, QuantViT
+    from ptq.recon.unitcache import capture
+    from ptq.runspec import settings_of
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = load_model(cfg)
+    q = QuantViT(model, settings_of(cfg))
+    images = torch.randn(64, 3, 24, 24)
+    calibrate(q, [(images[:32], None), (images[32:], None)], cpu)
+    install_adaround(q)
+    twin = QuantViT(model, QuantSettings(wbits=None, abits=None))
+    twin.set_mode("off")
+    inputs = capture(q, getattr(q.blocks[1], kind), images, cpu, "input", 32)
+    targets = capture(twin, getattr(twin.blocks[1], kind), images, cpu, "output", 32)
+    return q, twin, images, inputs, targets

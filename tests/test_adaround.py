@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import small_vit
+from conftest import adaround_block_unit, small_vit
 from ptq import pipeline
 from ptq.quant.quantizers import WeightQuantizer, channel_view
 from ptq.quant.rounding import AdaRoundQuantizer
@@ -232,28 +232,13 @@ def test_compiled_step_trains_as_the_eager_step(compose_cfg, backend: str, kind:
     """One block unit trained by the compiled step and by the eager one, from the same state on the same
     batches: the same loss and regularizer at every logged step (to float rounding) and the same rounding
     (ivit: ShiftGELU in the MLP, Shiftmax and I-LayerNorm in attention, as opaque ops in the graph)."""
-    from ptq.calib import calibrate
-    from ptq.models.zoo import load_model
-    from ptq.quant.rounding import install_adaround
-    from ptq.recon.unitcache import capture
-    from ptq.runspec import settings_of
-
     args = ("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", f"nonlinear={backend}",
             "adaround.iters=40", "adaround.early_stop=0")
     compiled, eager = compose_cfg(*args, "adaround.compile=true"), compose_cfg(*args, "adaround.compile=false")
     assert train.loss_function(compiled) is not train.unit_step_loss
     cpu = torch.device("cpu")
-    torch.manual_seed(0)
-    model = load_model(compiled)
-    q = QuantViT(model, settings_of(compiled))
-    images = torch.randn(64, 3, 24, 24)
-    calibrate(q, [(images[:32], None), (images[32:], None)], cpu)
-    install_adaround(q)
-    twin = QuantViT(model, QuantSettings(wbits=None, abits=None))
-    twin.set_mode("off")
+    q, _, _, inputs, targets = adaround_block_unit(compiled, kind)
     results = []
-    inputs = capture(q, getattr(q.blocks[1], kind), images, cpu, "input", 32)
-    targets = capture(twin, getattr(twin.blocks[1], kind), images, cpu, "output", 32)
     for cfg in (compiled, eager):
         unit = copy.deepcopy(getattr(q.blocks[1], kind))
         record, curve = train.train_unit(f"blocks.1.{kind}", unit, inputs, targets, cfg, cpu, seed=1)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import adaround_block_unit
 from ptq import pipeline
 from ptq.quant.qtensor import QTensor
 from ptq.quant.quantizers import ActQuantizer
-from ptq.quant.vit import QuantSettings, QuantViT
 from ptq.recon import adaround, train, unitcache
 
 CPU = torch.device("cpu")
@@ -20,24 +20,9 @@ CPU = torch.device("cpu")
 
 def _block_unit(compose_cfg, backend: str, kind: str, *extra: str):
     """A calibrated W4A8 model with AdaRound installed, its float twin, images and one block unit's caches."""
-    from ptq.calib import calibrate
-    from ptq.models.zoo import load_model
-    from ptq.quant.rounding import install_adaround
-    from ptq.runspec import settings_of
-
     cfg = compose_cfg("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", f"nonlinear={backend}",
                       "adaround.iters=12", "adaround.early_stop=0", *extra)
-    torch.manual_seed(0)
-    model = load_model(cfg)
-    q = QuantViT(model, settings_of(cfg))
-    images = torch.randn(64, 3, 24, 24)
-    calibrate(q, [(images[:32], None), (images[32:], None)], CPU)
-    install_adaround(q)
-    twin = QuantViT(model, QuantSettings(wbits=None, abits=None))
-    twin.set_mode("off")
-    inputs = unitcache.capture(q, getattr(q.blocks[1], kind), images, CPU, "input", 32)
-    targets = unitcache.capture(twin, getattr(twin.blocks[1], kind), images, CPU, "output", 32)
-    return cfg, q, twin, images, inputs, targets
+    return (cfg, *adaround_block_unit(cfg, kind))
 
 
 def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
