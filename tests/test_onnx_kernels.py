@@ -100,3 +100,48 @@ def test_requantize_matches_the_dyadic_requantizer(wide: bool, clamp: bool) -> N
             return em.op("Cast", [y.name], to=TensorProto.INT64)
 
         np.testing.assert_array_equal(_run(build, q), want.numpy())
+
+
+@pytest.mark.parametrize("case", ["acc_int8", "acc_int16", "acc_operand", "wide_int8", "ties"])
+def test_requantize_short_spelling_is_exact_and_chosen_where_it_applies(case: str) -> None:
+    """The offset spelling (no tie possible, numerator below 2**64) against ``requant.apply_dyadic``.
+
+    Inputs: both ends of the declared range, around each channel's saturation point and its
+    rounding thresholds, and random values; a power-of-two ratio (ties possible) must take the
+    general spelling and stay exact.
+    """
+    rng = np.random.default_rng(7)
+    c = 8
+    wide = case == "wide_int8"
+    top = 2**40 if wide else 2**31 - 1
+    lo, hi = (-32768, 32767) if case == "acc_int16" else (-128, 127)
+    clamp = case != "acc_operand"
+    if case == "ties":
+        s_in = torch.tensor([2.0**-12, 2.0**-9] * (c // 2))
+    else:
+        s_in = torch.from_numpy(np.exp2(-rng.uniform(22 if wide else 8, 26 if wide else 20, size=c))).float()
+    s_out = torch.tensor(2.0**-4 if case == "ties" else 0.05)  # ties: ratios 2**-8 and 2**-5
+    m, e = requant.multiplier(s_in, s_out)
+    r = (m.double() / torch.exp2(e.double())).numpy()
+    thresholds = np.round(np.outer(np.arange(-130, 131) + 0.5, 1 / r)).astype(np.int64)  # q near x.5 outputs
+    q = np.concatenate([np.full((1, c), -top), np.full((1, c), top), np.zeros((1, c), np.int64),
+                        thresholds, thresholds + 1, thresholds - 1, rng.integers(-top, top, size=(64, c)),
+                        rng.integers(-2**20, 2**20, size=(64, c))]).clip(-top, top).astype(np.int64)
+    want = requant.apply_dyadic(torch.from_numpy(q), m, e, lo, hi, clamp)
+    g = OnnxGraph()
+    ops: list[str] = []
+
+    def build(em: kernels.Emitter, v: str) -> str:
+        g.em = em
+        y = g.requantize(Sym(g, v, (1, c), "int64" if wide else "int32", -top, top), m, e, lo, hi, clamp, "r")
+        ops.extend(n.op_type for n in em.nodes)
+        return em.op("Cast", [y.name], to=TensorProto.INT64)
+
+    def build32(em: kernels.Emitter, v: str) -> str:  # the model hands int32 values to the requantizer
+        return build(em, v if wide else em.op("Cast", [v], to=TensorProto.INT32))
+
+    np.testing.assert_array_equal(_run(build32, q), want.numpy())
+    short = "BitwiseAnd" not in ops  # the general spellings test the floor's parity with BitwiseAnd
+    assert short == (case != "ties"), ops
+    if clamp and case != "ties":
+        assert ops.count("Clip") == 2 and ops.count("Cast") <= 3  # the saturation clip, the output clamp

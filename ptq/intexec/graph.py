@@ -53,6 +53,32 @@ def _width(lo: int, hi: int) -> tuple[int, bool]:
     return max(hi.bit_length(), (-lo - 1).bit_length()) + 1, True
 
 
+def _saturating_bound(m64: np.ndarray, e64: np.ndarray, top: int) -> int:
+    """The least ``P`` with ``|round(P * m / 2**e)| > top`` in every channel: from ``|q| >= P`` on, a
+    clamped requantization gives the same result as at ``q = +-P``."""
+    return max(-(-((top + 1) << int(k)) // abs(int(v))) if v else 0 for v, k in zip(m64, e64, strict=True))
+
+
+def _offset(bound: int, m64: np.ndarray, e64: np.ndarray) -> np.ndarray | None:
+    """Per-channel ``K`` for :meth:`OnnxGraph._offset_requant` on ``|q| <= bound``, or None where that
+    spelling is not exact.
+
+    Exact when, in every channel, (1) no ``q`` is a tie: with ``|m| = m' * 2**z`` (``m'`` odd) a tie
+    needs ``q`` an odd multiple of ``2**(e - z - 1)``, impossible for ``bound < 2**(e - z - 1)``;
+    (2) ``q * m + 2**(e-1) + K * 2**e`` lies in ``[0, 2**64)`` for every ``|q| <= bound``, with
+    ``K = ceil(bound * |m| / 2**e)``.
+    """
+    ks = []
+    for v, k in zip((abs(int(v)) for v in m64), (int(k) for k in e64), strict=True):
+        z = (v & -v).bit_length() - 1 if v else k
+        if v and k > z and bound >= 1 << (k - z - 1):
+            return None
+        k_off = max(1, -(-bound * v // (1 << k)))
+        if bound * v + (1 << (k - 1)) + k_off * (1 << k) >= 1 << 64:
+            return None
+        ks.append(k_off)
+    return np.array(ks, dtype=np.int64)
+
 class OnnxGraph:
     """Builds the integer ONNX graph as the model's forward calls it (see module docstring)."""
 
@@ -125,7 +151,13 @@ class OnnxGraph:
         return self._out(out, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
 
     def requantize(self, x: Sym, m: Tensor, e: Tensor, lo: int, hi: int, clamp: bool, name: str) -> Sym:
-        """Spec "requantize": ``round_half_to_even(q * m / 2**e)``, clamped to ``[lo, hi]`` when ``clamp``."""
+        """Spec "requantize": ``round_half_to_even(q * m / 2**e)``, clamped to ``[lo, hi]`` when ``clamp``.
+
+        A clamped output first clips ``q`` to the range past which every channel saturates (the
+        result cannot change). Then, where no tie can occur and the offset numerator fits 64 bits,
+        the short spelling (:meth:`_offset_requant`, five 64-bit passes and 32-bit ones after);
+        otherwise the general uint64 rounding shift, or the two-limb product for ``|q| >= 2**31``.
+        """
         self.em.scope = f"requant:{name}"
         em = self.em
         m64, e64 = _ints(m).reshape(-1), _ints(e).reshape(-1)
@@ -133,22 +165,55 @@ class OnnxGraph:
         m64, e64 = np.where(top, m64 // 2, m64), np.where(top, e64 - 1, e64)
         if (e64 <= 0).any():
             raise ValueError(f"{name}: requantization ratio >= 2**30 (e={int(e64.min())}) is not supported")
-        if x.bound < 2**31:  # |q * m| < 2**62: one 64-bit product (two's complement in uint64), a rounding shift
-            zero = e64 >= 63  # |q * m / 2**e| < 1/2: rounds to 0
-            m64, k = np.where(zero, 0, m64), np.minimum(e64, 62)
-            u = em.op("Cast", [x.name], to=TensorProto.UINT64)  # q mod 2**64
-            mc = em.const((m64.reshape(()) if m64.size == 1 else m64).astype(np.uint64), np.uint64, hint="mult")
-            y = em.round_shift_u64(em.op("Mul", [u, mc]), self._shape_k(k))
-        else:
-            y = self._limb_requant(self._cast(x, I64), x, m64, e64, name)
         ratio = float((np.abs(m64).astype(np.float64) / np.exp2(e64.astype(np.float64))).max())
+        src, src_dt, bound = x.name, x.dtype, x.bound
         if clamp:
-            y = em.op("Cast", [em.op("Clip", [y, em.const(lo), em.const(hi)])], out=name, to=I32)
+            sat = _saturating_bound(m64, e64, max(-lo, hi))
+            if sat < bound:  # |q| >= sat clamps to lo / hi in every channel, as q = +-sat does
+                dt = np.int32 if src_dt == "int32" else np.int64
+                src = em.op("Clip", [src, em.const(dt(-sat), dt), em.const(dt(sat), dt)])
+                bound = sat
+        k_off = _offset(bound, m64, e64)
+        if k_off is not None:
+            y, dt = self._offset_requant(src, m64, e64, k_off)
+        elif bound < 2**31:  # |q * m| < 2**62: one 64-bit product (two's complement in uint64), a rounding shift
+            zero = e64 >= 63  # |q * m / 2**e| < 1/2: rounds to 0
+            mz, k = np.where(zero, 0, m64), np.minimum(e64, 62)
+            u = em.op("Cast", [src], to=TensorProto.UINT64)  # q mod 2**64
+            mc = em.const((mz.reshape(()) if mz.size == 1 else mz).astype(np.uint64), np.uint64, hint="mult")
+            y, dt = em.round_shift_u64(em.op("Mul", [u, mc]), self._shape_k(k)), "int64"
+        else:
+            q64 = src if src_dt == "int64" else em.op("Cast", [src], to=I64)
+            y, dt = self._limb_requant(q64, bound, m64, e64, name), "int64"
+        if clamp:
+            if dt == "int32":
+                y = em.op("Clip", [y, em.const(lo, np.int32), em.const(hi, np.int32)], out=name)
+            else:
+                y = em.op("Cast", [em.op("Clip", [y, em.const(lo), em.const(hi)])], out=name, to=I32)
             bits, signed = _width(lo, hi)
             return self._out(y, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
         y = em.op("Identity", [y], out=name)
-        b = int(np.ceil(x.bound * ratio)) + 1
-        return self._out(y, x.shape, "int64", -b, b, kind="operand", bits=ACC_BITS, signed=True)
+        b = int(np.ceil(bound * ratio)) + 1
+        return self._out(y, x.shape, dt, -b, b, kind="operand", bits=ACC_BITS, signed=True)
+
+    def _offset_requant(self, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> tuple[str, str]:
+        """``round(q * m / 2**e)`` as ``floor((q * m + 2**(e-1) + K * 2**e) / 2**e) - K`` (see :func:`_offset`).
+
+        ``q * m`` is formed modulo 2**64 (q cast to uint64 is its two's complement); the offset makes
+        the true numerator non-negative and below 2**64, so the modular sum is the numerator itself
+        and its logical right shift is the floor. Half up equals half to even because no tie occurs.
+        Returns the value and its dtype (int32 when ``2K + 2 < 2**31``).
+        """
+        em = self.em
+        mu = em.const(self._shape_k(m64).astype(np.uint64), np.uint64, hint="mult")
+        offs = [(1 << (int(k) - 1)) + int(c) * (1 << int(k)) for k, c in zip(e64, k_off, strict=True)]
+        cu = em.const(self._shape_k(np.array(offs, dtype=np.uint64)), np.uint64, hint="round_off")
+        ku = em.const(self._shape_k(e64).astype(np.uint64), np.uint64, hint="k")
+        fl = em.op("BitShift", [em.op("Add", [em.op("Mul", [em.op("Cast", [q], to=TensorProto.UINT64), mu]), cu]), ku],
+                   direction="RIGHT")
+        if 2 * int(k_off.max()) + 2 < 2**31:
+            return em.op("Sub", [em.op("Cast", [fl], to=I32), em.const(self._shape_k(k_off), np.int32)]), "int32"
+        return em.op("Sub", [em.op("Cast", [fl], to=I64), em.const(self._shape_k(k_off))]), "int64"
 
     def _vec(self, v: np.ndarray, hint: str) -> str:
         """A per-tensor (scalar) or per-channel (last axis) int64 constant."""
@@ -159,15 +224,15 @@ class OnnxGraph:
         """A per-tensor value as a scalar, a per-channel one as it is (broadcast over the last axis)."""
         return k.reshape(()) if k.size == 1 else k
 
-    def _limb_requant(self, q: str, x: Sym, m64: np.ndarray, e64: np.ndarray, name: str) -> str:
+    def _limb_requant(self, q: str, bound: int, m64: np.ndarray, e64: np.ndarray, name: str) -> str:
         """Wide ``q`` (|q| <= 2**59), ratio < 1 (``e >= 31``): ``q * m = w * 2**31 + v`` from q's two limbs.
 
         Bits of ``v`` below its half bit only matter through whether any is set, so they fold
         into one sticky bit: ``round(q * m / 2**e) = round((4w + 2 bit30(v) + sticky) / 2**(e - 29))``.
         """
         em = self.em
-        if x.bound > 2**59 or (e64 < 31).any():
-            raise ValueError(f"{name}: no exact int64 requantization for |q| <= {x.bound} with e >= {int(e64.min())}")
+        if bound > 2**59 or (e64 < 31).any():
+            raise ValueError(f"{name}: no exact int64 requantization for |q| <= {bound} with e >= {int(e64.min())}")
         zero = e64 - 29 >= 63
         m64, k = np.where(zero, 0, m64), np.minimum(e64 - 29, 62)
         mc = self._vec(m64, "mult")
@@ -183,15 +248,22 @@ class OnnxGraph:
         return em.round_shift(p2, self._shape_k(k))
 
     def add(self, a: Sym, b: Sym | Tensor, lo: int, hi: int, name: str) -> Sym:
-        """Residual add: two unclamped operands (or one and a folded constant) added, clamped once."""
+        """Residual add: two unclamped operands (or one and a folded constant) added, clamped once.
+
+        In int32 where ``|a| + |b|`` provably fits (the operands' declared bounds), else in int64.
+        """
         self.em.scope = f"residual:{name}"
         em = self.em
-        if isinstance(b, Sym):
-            bn = self._cast(b, I64)
+        bi = None if isinstance(b, Sym) else _ints(b)
+        b_bound = b.bound if bi is None else int(np.abs(bi).max())
+        narrow = a.bound + b_bound < 2**31
+        elem, dt = (I32, np.int32) if narrow else (I64, np.int64)
+        bn = self._cast(b, elem) if bi is None else self._const_int(name + ".const", bi, dt, "position_embedding")
+        s = em.op("Add", [self._cast(a, elem), bn])
+        if narrow:
+            y = em.op("Clip", [s, em.const(lo, dt), em.const(hi, dt)], out=name)
         else:
-            bn = self._const_int(name + ".const", _ints(b), np.int64, "position_embedding")
-        s = em.op("Add", [self._cast(a, I64), bn])
-        y = em.op("Cast", [em.op("Clip", [s, em.const(lo), em.const(hi)])], out=name, to=I32)
+            y = em.op("Cast", [em.op("Clip", [s, em.const(lo), em.const(hi)])], out=name, to=I32)
         bits, signed = _width(lo, hi)
         return self._out(y, a.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
 
