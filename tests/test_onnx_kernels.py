@@ -145,3 +145,48 @@ def test_requantize_short_spelling_is_exact_and_chosen_where_it_applies(case: st
     assert short == (case != "ties"), ops
     if clamp and case != "ties":
         assert ops.count("Clip") == 2 and ops.count("Cast") <= 3  # the saturation clip, the output clamp
+
+
+@pytest.mark.parametrize("const", [False, True])
+def test_residual_add_saturates_each_operand_against_the_other(const: bool) -> None:
+    """IdAdd: ``clamp(requant(a) + requant(b))`` with an INT16 residual and a wide accumulator whose
+    per-channel ratios have many trailing zero bits (ties possible over its full range, none within
+    the range that can still matter), on both operands' extremes and opposite signs."""
+    rng = np.random.default_rng(11)
+    c, rows = 8, 64
+    lo, hi = -32768, 32767
+    top_b = 3072 * 128 * 127  # an fc2 accumulator's bound
+    sd = torch.tensor(2.0**-6)
+    s_a = torch.tensor(0.011)
+    odd = torch.tensor([1235.0, 77.0, 4097.0, 3.0, 999.0, 12345.0, 1.0, 65537.0])
+    s_b = (2.0**18 + odd) * 2.0**-29  # ratios (2**18 + odd) / 2**23: m with 12 trailing zero bits
+    qa = np.concatenate([np.full((4, c), lo), np.full((4, c), hi), rng.integers(lo, hi + 1, size=(rows - 8, c))])
+    qb = np.concatenate([np.full((2, c), top_b), np.full((2, c), -top_b), np.full((2, c), top_b),
+                         np.full((2, c), -top_b), rng.integers(-2**16, 2**16, size=(rows - 8, c))])
+    qb[8:12] = np.array([[3], [-3], [5], [-5]]) * 2**23  # exact ties of b, where the sum saturates anyway
+    qb[12:16] = rng.integers(-2**22, 2**22, size=(4, c))  # around the clip point, |q| ~ 2**21
+    ma, ea = requant.multiplier(s_a, sd)
+    mb, eb = requant.multiplier(s_b, sd)
+    fold = torch.from_numpy(rng.integers(-5000, 5000, size=c))
+    want_a = requant.apply_dyadic(torch.from_numpy(qa), ma, ea, lo, hi, False)
+    want_b = fold.expand(rows, c) if const else requant.apply_dyadic(torch.from_numpy(qb), mb, eb, lo, hi, False)
+    want = (want_a + want_b).clamp(lo, hi)
+    g = OnnxGraph()
+    ops: list[str] = []
+
+    def build(em: kernels.Emitter, v: str) -> str:
+        g.em = em
+        part = [em.op("Cast", [em.op("Gather", [v, em.const(i)], axis=0)], to=TensorProto.INT32) for i in (0, 1)]
+        a = Sym(g, part[0], (1, c), "int32", lo, hi)
+        b = fold if const else Sym(g, part[1], (1, c), "int32", -top_b, top_b)
+        y = g.add(a, (ma, ea), b, None if const else (mb, eb), lo, hi, "res")
+        ops.extend(n.op_type for n in em.nodes)
+        y3 = em.op("Unsqueeze", [y.name, em.const([0])])
+        return em.op("Cast", [em.op("Concat", [y3, y3], axis=0)], to=TensorProto.INT64)  # the input's shape
+
+    np.testing.assert_array_equal(_run(build, np.stack([qa, qb]).astype(np.int64))[0], want.numpy())
+    assert "BitwiseAnd" not in ops, ops  # both operands took the short spelling
+    alone = OnnxGraph()  # b requantized without its partner's bound: a tie is possible, the general spelling
+    alone.em.fresh("b")
+    alone.requantize(Sym(alone, "b", (1, c), "int32", -top_b, top_b), mb, eb, lo, hi, False, "b")
+    assert "BitwiseAnd" in [n.op_type for n in alone.em.nodes]

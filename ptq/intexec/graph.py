@@ -59,6 +59,11 @@ def _saturating_bound(m64: np.ndarray, e64: np.ndarray, top: int) -> int:
     return max(-(-((top + 1) << int(k)) // abs(int(v))) if v else 0 for v, k in zip(m64, e64, strict=True))
 
 
+def _result_bound(bound: int, m64: np.ndarray, e64: np.ndarray) -> int:
+    """A bound on ``|round(q * m / 2**e)|`` for ``|q| <= bound``, every channel."""
+    return max(-(-bound * abs(int(v)) // (1 << int(k))) for v, k in zip(m64, e64, strict=True)) + 1
+
+
 def _offset(bound: int, m64: np.ndarray, e64: np.ndarray) -> np.ndarray | None:
     """Per-channel ``K`` for :meth:`OnnxGraph._offset_requant` on ``|q| <= bound``, or None where that
     spelling is not exact.
@@ -150,11 +155,13 @@ class OnnxGraph:
         bits, signed = _width(lo, hi)
         return self._out(out, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
 
-    def requantize(self, x: Sym, m: Tensor, e: Tensor, lo: int, hi: int, clamp: bool, name: str) -> Sym:
+    def requantize(self, x: Sym, m: Tensor, e: Tensor, lo: int, hi: int, clamp: bool, name: str,
+                   saturate: int | None = None) -> Sym:
         """Spec "requantize": ``round_half_to_even(q * m / 2**e)``, clamped to ``[lo, hi]`` when ``clamp``.
 
-        A clamped output first clips ``q`` to the range past which every channel saturates (the
-        result cannot change). Then, where no tie can occur and the offset numerator fits 64 bits,
+        ``saturate``: only results up to that magnitude matter, beyond it only their sign (a clamped
+        output's own range; for a residual operand, see :meth:`add`). ``q`` is first clipped where
+        every channel's result passes it, so the result cannot change where it matters. Then, where no tie can occur and the offset numerator fits 64 bits,
         the short spelling (:meth:`_offset_requant`, five 64-bit passes and 32-bit ones after);
         otherwise the general uint64 rounding shift, or the two-limb product for ``|q| >= 2**31``.
         """
@@ -165,10 +172,11 @@ class OnnxGraph:
         m64, e64 = np.where(top, m64 // 2, m64), np.where(top, e64 - 1, e64)
         if (e64 <= 0).any():
             raise ValueError(f"{name}: requantization ratio >= 2**30 (e={int(e64.min())}) is not supported")
-        ratio = float((np.abs(m64).astype(np.float64) / np.exp2(e64.astype(np.float64))).max())
         src, src_dt, bound = x.name, x.dtype, x.bound
         if clamp:
-            sat = _saturating_bound(m64, e64, max(-lo, hi))
+            saturate = max(-lo, hi)
+        if saturate is not None:
+            sat = _saturating_bound(m64, e64, saturate)
             if sat < bound:  # |q| >= sat clamps to lo / hi in every channel, as q = +-sat does
                 dt = np.int32 if src_dt == "int32" else np.int64
                 src = em.op("Clip", [src, em.const(dt(-sat), dt), em.const(dt(sat), dt)])
@@ -193,7 +201,7 @@ class OnnxGraph:
             bits, signed = _width(lo, hi)
             return self._out(y, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
         y = em.op("Identity", [y], out=name)
-        b = int(np.ceil(bound * ratio)) + 1
+        b = _result_bound(bound, m64, e64)
         return self._out(y, x.shape, dt, -b, b, kind="operand", bits=ACC_BITS, signed=True)
 
     def _offset_requant(self, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> tuple[str, str]:
@@ -247,19 +255,36 @@ class OnnxGraph:
                            sticky])
         return em.round_shift(p2, self._shape_k(k))
 
-    def add(self, a: Sym, b: Sym | Tensor, lo: int, hi: int, name: str) -> Sym:
-        """Residual add: two unclamped operands (or one and a folded constant) added, clamped once.
+    def add(self, a: Sym, ra: tuple[Tensor, Tensor], b: Sym | Tensor, rb: tuple[Tensor, Tensor] | None, lo: int,
+            hi: int, name: str) -> Sym:
+        """Residual add: both operands requantized unclamped (``ra``, ``rb``: their ``(m, e)``; a folded
+        constant ``b`` has none), added, clamped once.
 
-        In int32 where ``|a| + |b|`` provably fits (the operands' declared bounds), else in int64.
+        Where one operand's result passes ``top + |other|`` (``top = max(-lo, hi)``), the sum
+        saturates on that operand's side whatever its exact value, and both cannot pass at once;
+        so each operand is requantized with ``saturate = top + the other's bound``. In int32 where
+        ``|a| + |b|`` provably fits (the operands' bounds), else in int64.
         """
+        top = max(-lo, hi)
+        ma, ea = _ints(ra[0]).reshape(-1), _ints(ra[1]).reshape(-1)
+        bound_a = _result_bound(a.bound, ma, ea)
+        if isinstance(b, Sym):
+            if rb is None:
+                raise ValueError(f"{name}: an integer operand needs its requantization ratio")
+            mb, eb = _ints(rb[0]).reshape(-1), _ints(rb[1]).reshape(-1)
+            bound_b = _result_bound(b.bound, mb, eb)
+            qb: Sym | None = self.requantize(b, *rb, lo, hi, False, name + ".b", saturate=top + bound_a)
+            bi = None
+        else:
+            qb, bi = None, _ints(b)
+            bound_b = int(np.abs(bi).max())
+        qa = self.requantize(a, *ra, lo, hi, False, name + ".a", saturate=top + bound_b)
         self.em.scope = f"residual:{name}"
         em = self.em
-        bi = None if isinstance(b, Sym) else _ints(b)
-        b_bound = b.bound if bi is None else int(np.abs(bi).max())
-        narrow = a.bound + b_bound < 2**31
+        narrow = qa.bound + (qb.bound if qb is not None else bound_b) < 2**31
         elem, dt = (I32, np.int32) if narrow else (I64, np.int64)
-        bn = self._cast(b, elem) if bi is None else self._const_int(name + ".const", bi, dt, "position_embedding")
-        s = em.op("Add", [self._cast(a, elem), bn])
+        bn = self._cast(qb, elem) if qb is not None else self._const_int(name + ".const", bi, dt, "position_embedding")
+        s = em.op("Add", [self._cast(qa, elem), bn])
         if narrow:
             y = em.op("Clip", [s, em.const(lo, dt), em.const(hi, dt)], out=name)
         else:

@@ -234,12 +234,11 @@ class ActQuantizer(nn.Module):
             return self._emit(self._drop(real, s, fake_quant(real, s, *qrange(self.bits, self.signed))), s)
         sd = self.scale
         g = graph_of(a.v)
-        if g is not None:  # exporting: both operands requantized unclamped, a float one folded
+        if g is not None:  # exporting: the graph requantizes both operands unclamped (a float one folded) and adds
             lo, hi = qrange(self.bits, self.signed)
-            qa = g.requantize(a.v, *requant.multiplier(a.s, sd), lo, hi, False, self.name + ".a")
-            qb = (g.requantize(b.v, *requant.multiplier(b.s, sd), lo, hi, False, self.name + ".b") if b.integer
-                  else self.fold(b, sd))
-            return QTensor(g.add(qa, qb, lo, hi, self.name), sd, self.bits, self.signed)
+            rb = requant.multiplier(b.s, sd) if b.integer else None
+            out = g.add(a.v, requant.multiplier(a.s, sd), b.v if b.integer else self.fold(b, sd), rb, lo, hi, self.name)
+            return QTensor(out, sd, self.bits, self.signed)
         if b.integer:
             fast = fused.requantize_add(a.v, a.s, b.v, b.s, sd, self.bits, self.signed)
             if fast is not None:
