@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ptq import naming
-from ptq.config import ConfigError, no_effect, register_configs
+from ptq.config import ConfigError, no_effect, register_configs, validate
 
 register_configs()
 log = logging.getLogger("ptq")
@@ -34,22 +34,26 @@ def sweep_group(cfg: DictConfig, sweep_dir: str) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run one configuration; returns top-1 (the objective of sweepers), NaN for a failed sweep job."""
-    from ptq import pipeline
-    from ptq.tracking import Tracker
-
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     if multirun and cfg.tracking.group is None:
         OmegaConf.update(cfg, "tracking.group", sweep_group(cfg, hc.sweep.dir))
     try:
+        validate(cfg)  # the config's own values first: a bad one exits before torch and the pipeline are imported
+        from ptq import pipeline
+
         pipeline.check_inputs(cfg)
     except ConfigError as exc:
         print(f"ptq: config error: {exc}", file=sys.stderr)
         if not multirun:
             sys.exit(2)
+        from ptq import pipeline
+
         pipeline.record_failure(cfg, run_dir, exc)
         return math.nan
+    from ptq.tracking import Tracker
+
     for line in no_effect(cfg, list(hc.overrides.task)):
         log.warning("%s", line)
     try:

@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ptq.config import ConfigError, no_effect, register_configs
+from ptq.config import ConfigError, no_effect, register_configs, validate
 
 register_configs()
 log = logging.getLogger("ptq")
@@ -23,17 +23,20 @@ log = logging.getLogger("ptq")
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Check the config, scan it, print the table."""
-    from ptq import pipeline
-    from ptq.sensitivity import report, scan
-    from ptq.tracking import Tracker
-
     hc = HydraConfig.get()
     try:
+        validate(cfg)  # the config's own values first: a bad one exits before torch and the pipeline are imported
+        from ptq import pipeline
+        from ptq.sensitivity import scan
+
         pipeline.check_inputs(cfg)
         scan.check(cfg)
     except ConfigError as exc:
         print(f"ptq: config error: {exc}", file=sys.stderr)
         sys.exit(2)
+    from ptq.sensitivity import report
+    from ptq.tracking import Tracker
+
     for line in no_effect(cfg, list(hc.overrides.task)):
         log.warning("%s", line)
     metrics = scan.run(cfg, Path(hc.runtime.output_dir), Tracker())
