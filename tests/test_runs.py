@@ -15,6 +15,7 @@ import pytest
 
 from conftest import ROOT
 from ptq.config import no_effect
+from ptq.intexec.verify import main as intexec_main
 from ptq.rundir import describe_progress, process_identity, run_state
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -31,15 +32,24 @@ def _main(run: Path, cache: Path, *overrides: str) -> subprocess.CompletedProces
     return proc
 
 
-def test_a_finished_adaround_ivit_run_verifies_without_export(tmp_path: Path) -> None:
+def _intexec(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """``python -m ptq.intexec ARGS`` in this process (its kernels compiled once per worker): status, stdout.
+    The module entry point and its one-line errors on stderr are checked in subprocesses below and in test_intexec."""
+    capsys.readouterr()
+    rc = intexec_main(list(args))
+    return rc, capsys.readouterr().out
+
+
+def test_a_finished_adaround_ivit_run_verifies_without_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
-    _main(run, tmp_path / "cache", "nonlinear=ivit", "wquant=adaround", "wbits=4", "granularity=block")
+    _main(run, tmp_path / "cache", "nonlinear=ivit", "wquant=adaround", "wbits=4", "granularity=block",
+          "data.eval_images=64")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "ok" and "progress" not in metrics and metrics["process"]["pid"] > 0
     assert not (run / "intexec").exists() and metrics["quant_state_kB"] > 0
-    proc = _ptq("ptq.intexec", str(run))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == f"mismatches=0/{metrics['n_eval']}  (onnxruntime {onnxruntime.__version__})"
+    rc, out = _intexec(capsys, str(run))
+    assert rc == 0
+    assert out.strip() == f"mismatches=0/{metrics['n_eval']}  (onnxruntime {onnxruntime.__version__})"
     # issue 27: 64 zero bytes in the middle of the state file. torch.load reads it without complaint;
     # the checksum refuses it in one line, before any use, and says what to do
     state = run / "quant_state.pt"
@@ -67,14 +77,14 @@ def test_unverifiable_runs_say_why_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "the run failed (ValueError: boom)" in proc.stderr
 
 
-def test_runs_verifies_every_job_of_a_multirun(tmp_path: Path) -> None:
+def test_runs_verifies_every_job_of_a_multirun(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sweep = tmp_path / "sweep"
     proc = _ptq("ptq.main", "-m", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", "debug=quick",
                 "nonlinear=ivit", "data.eval_images=64", "wbits=4,8")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = _ptq("ptq.intexec", "--runs", str(sweep))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.strip().splitlines()
+    rc, out = _intexec(capsys, "--runs", str(sweep))
+    assert rc == 0
+    lines = out.strip().splitlines()
     assert len(lines) == 3 and all(ln.startswith("mismatches=0/64  ") for ln in lines[:2])
     assert lines[2] == "total: mismatches=0/128 over 2 verified run(s), 0 not verified"
     # a tampered state in one job: that job's line says so and the exit status is non-zero
@@ -89,20 +99,21 @@ def test_runs_verifies_every_job_of_a_multirun(tmp_path: Path) -> None:
     from ptq.rundir import QUANT_STATE_SUM_FILE
 
     sums = state.with_name(QUANT_STATE_SUM_FILE)
-    proc = _ptq("ptq.intexec", "--runs", str(sweep))  # its checksum file still vouches for the old bytes
-    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1].endswith("1 verified run(s), 1 not verified")
-    assert any(ln.startswith("skipped  ") and "is damaged" in ln for ln in proc.stdout.splitlines())
+    rc, out = _intexec(capsys, "--runs", str(sweep))  # its checksum file still vouches for the old bytes
+    assert rc == 0 and out.strip().splitlines()[-1].endswith("1 verified run(s), 1 not verified")
+    assert any(ln.startswith("skipped  ") and "is damaged" in ln for ln in out.splitlines())
     sums.write_text(f"{file_digest(state)}  {state.name}\n")  # a consistent state file that is not the run's
-    proc = _ptq("ptq.intexec", "--runs", str(sweep))
-    assert proc.returncode == 1
-    assert any(ln.startswith("differs  ") and "does not reproduce" in ln for ln in proc.stdout.splitlines())
-    assert proc.stdout.strip().splitlines()[-1].endswith("over 1 verified run(s), 1 not verified")
+    rc, out = _intexec(capsys, "--runs", str(sweep))
+    assert rc == 1
+    assert any(ln.startswith("differs  ") and "does not reproduce" in ln for ln in out.splitlines())
+    assert out.strip().splitlines()[-1].endswith("over 1 verified run(s), 1 not verified")
 
 
-def test_a_killed_run_is_interrupted_with_progress_and_a_resume_command(tmp_path: Path) -> None:
+def test_a_killed_run_is_interrupted_with_progress_and_a_resume_command(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
     run, cache = tmp_path / "run", tmp_path / "cache"
     cmd = [sys.executable, "-m", "ptq.main", f"hydra.run.dir={run}", f"cache_dir={cache}", "debug=quick",
-           "wquant=adaround", "granularity=encoder", "adaround.iters=150", "data.eval_images=64"]
+           "wquant=adaround", "granularity=encoder", "adaround.iters=40", "data.eval_images=64"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     try:
@@ -130,8 +141,7 @@ def test_a_killed_run_is_interrupted_with_progress_and_a_resume_command(tmp_path
     assert "### Interrupted runs" in table.stdout and where in table.stdout
     resume = table.stdout.split("resume: ", 1)[1].split(" |", 1)[0].strip()
     assert resume.startswith("python -m ptq.main ") and f"hydra.run.dir={run.as_posix()}" in resume
-    verify = _ptq("ptq.intexec", str(run))
-    assert verify.returncode == 2 and "was interrupted" in verify.stderr
+    assert intexec_main([str(run)]) == 2 and "was interrupted" in caplog.text
 
     # the printed command resumes the same run in the same dir, after the finished units
     done = metrics["progress"]["units_done"]
