@@ -92,6 +92,7 @@ class OnnxGraph:
         self.values: dict[str, dict[str, Any]] = {}  # declared width and role of every named integer value
         self.named: dict[str, Sym] = {}
         self.constants: dict[str, dict[str, Any]] = {}  # role and range of the integer constants (widths report)
+        self._tables: dict[str, tuple[np.ndarray, str]] = {}  # value -> (table, index) of a table Gather's output
 
     # -- values ----------------------------------------------------------------------------------
     def input(self, name: str, shape: tuple[int, ...]) -> Sym:
@@ -172,6 +173,8 @@ class OnnxGraph:
         m64, e64 = np.where(top, m64 // 2, m64), np.where(top, e64 - 1, e64)
         if (e64 <= 0).any():
             raise ValueError(f"{name}: requantization ratio >= 2**30 (e={int(e64.min())}) is not supported")
+        if clamp and m64.size == 1 and x.name in self._tables:
+            return self._requantized_table(x, m, e, lo, hi, name)
         src, src_dt, bound = x.name, x.dtype, x.bound
         if clamp:
             saturate = max(-lo, hi)
@@ -203,6 +206,27 @@ class OnnxGraph:
         y = em.op("Identity", [y], out=name)
         b = _result_bound(bound, m64, e64)
         return self._out(y, x.shape, dt, -b, b, kind="operand", bits=ACC_BITS, signed=True)
+
+    def _requantized_table(self, x: Sym, m: Tensor, e: Tensor, lo: int, hi: int, name: str) -> Sym:
+        """A per-tensor requantization of a table ``Gather``'s output, folded into the table: one ``Gather``.
+
+        The folded table is this requantizer's own ONNX spelling run on the table's entries
+        (``kernels.evaluate``), so each entry is what the unfolded graph computes for it. The
+        unfolded value stays in the graph only where something else reads it (a debug export);
+        :meth:`model` drops it otherwise.
+        """
+        table, idx = self._tables[x.name]
+        sub = OnnxGraph()
+
+        def spell(em: kernels.Emitter, v: str) -> str:
+            sub.em = em
+            return sub.requantize(Sym(sub, v, (1, table.size), "int64", x.lo, x.hi), m, e, lo, hi, True, "t").name
+
+        folded = kernels.evaluate(spell, table.reshape(1, -1)).reshape(-1)
+        self.em.scope = f"requant:{name}"
+        y = self.em.op("Gather", [self.em.const(folded, np.int32, hint="requant_table"), idx], out=name)
+        bits, signed = _width(lo, hi)
+        return self._out(y, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
 
     def _offset_requant(self, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> tuple[str, str]:
         """``round(q * m / 2**e)`` as ``floor((q * m + 2**(e-1) + K * 2**e) / 2**e) - K`` (see :func:`_offset`).
@@ -405,6 +429,7 @@ class OnnxGraph:
                                  em.const(256, np.int32)])
             idx = em.op("Add", [xi, em.op("Add", [base, em.const(128, np.int32)])])
             y = em.op("Gather", [em.const(table, np.int32, hint="gelu_table"), idx], out=name)
+            self._tables[y] = (table, idx)  # the requantization after it folds into the table
             return self._out(y, x.shape, "int32", -b, b, kind="gelu", bits=ACC_BITS, signed=True)
         y = kernels.shift_gelu(em, self._cast(x, I64), s32, n, sig_bits, name)
         return self._out(y, x.shape, "int64", -b, b, kind="gelu", bits=ACC_BITS, signed=True)
@@ -426,11 +451,26 @@ class OnnxGraph:
         return Sym(self, self.em.op("Mul", [x.name, sc]), x.shape, "float32", 0, 0)
 
     # -- the model ------------------------------------------------------------------------------
+    def _live(self, nodes: list[onnx.NodeProto], needed: list[str]) -> list[onnx.NodeProto]:
+        """The nodes that ``needed`` values depend on, in order; named values no node produces any
+        more (a table Gather's output folded into the next one) leave :attr:`values` too."""
+        want, keep = set(needed), []
+        for node in reversed(nodes):
+            if any(o in want for o in node.output):
+                keep.append(node)
+                want.update(node.input)
+        keep.reverse()
+        produced = {o for n in keep for o in n.output}
+        for name in [v for v in self.values if v not in produced]:
+            del self.values[name]
+            self.named.pop(name, None)
+        return keep
+
     def model(self, image: Sym, outputs: dict[str, Sym], extra: list[str] = (), doc: str = "",
               metadata: dict[str, str] | None = None) -> onnx.ModelProto:
         """The ONNX model: ``image`` in, ``outputs`` (name -> value) out, plus the named values in ``extra``."""
         em = self.em
-        nodes = list(em.nodes)
+        nodes = self._live(em.nodes, [s.name for s in outputs.values()] + list(extra))
         outs = []
         for out_name, sym in outputs.items():
             nodes.append(helper.make_node("Identity", [sym.name], [out_name], name=f"out.{out_name}"))
@@ -439,7 +479,9 @@ class OnnxGraph:
             sym = self.named[name]
             outs.append(helper.make_tensor_value_info(name, _ELEM[sym.dtype], ["N", *sym.shape[1:]]))
         inp = helper.make_tensor_value_info(image.name, TensorProto.FLOAT, ["N", *image.shape[1:]])
-        graph = helper.make_graph(nodes, "ptq_integer_vit", [inp], outs, initializer=list(em.inits.values()))
+        used = {i for n in nodes for i in n.input}
+        graph = helper.make_graph(nodes, "ptq_integer_vit", [inp], outs,
+                                  initializer=[t for k, t in em.inits.items() if k in used])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ptq",
                                   doc_string=doc)
         model.ir_version = IR_VERSION
