@@ -143,8 +143,9 @@ class _FloatIn(nn.Module):
 @pytest.mark.parametrize("granularity", ["layer", "block", "encoder", "model"])
 def test_every_granularity_runs_and_learns(compose_cfg, tmp_path: Path, granularity: str,
                                            aquant: str) -> None:
+    iters = 40  # every layer, block and encoder unit of the embedded default beats nearest rounding by then
     cfg = compose_cfg("debug=quick", "wquant=adaround", f"granularity={granularity}", "wbits=4", f"aquant={aquant}",
-                      "adaround.iters=150", "adaround.calib_images=64", "data.eval_images=128")
+                      f"adaround.iters={iters}", "adaround.calib_images=64", "data.eval_images=128")
     run_dir = tmp_path / f"{granularity}-{aquant}"
     m = pipeline.run(cfg, run_dir)
     assert m["status"] == "ok" and m["row"]["granularity"] == granularity
@@ -152,8 +153,8 @@ def test_every_granularity_runs_and_learns(compose_cfg, tmp_path: Path, granular
     expected = {"layer": 1 + 4 * layers + 1, "block": 2 + 2 * layers, "encoder": 2 + layers, "model": 1}[granularity]
     assert len(m["units"]) == len(m["curves"]) == expected
     # no unit ends worse than nearest rounding: the fallback and the improvement are tested on one unit above
-    assert all(1 <= r["iters"] <= 150 and r["seconds"] > 0 for r in m["units"])
-    if granularity != "model":  # one logits-MSE unit: 150 iterations rarely beat nearest, and fall back to it
+    assert all(1 <= r["iters"] <= iters and r["seconds"] > 0 for r in m["units"])
+    if granularity != "model":  # one logits-MSE unit: a few iterations rarely beat nearest, and fall back to it
         assert any(not r["kept_nearest"] and r["loss_after"] < r["loss_before"] for r in m["units"])
     assert (run_dir / "recon_checkpoint.pt").exists()
     assert m["recon_plot"] == "recon.png"
