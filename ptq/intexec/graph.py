@@ -8,8 +8,9 @@ drives it (``ptq.intexec.build``); this module decides only how each operation i
 * linear layers and attention matmuls are ``MatMulInteger``: 8-bit activations shifted by 128
   into uint8 with ``a_zero_point = 128`` (onnxruntime's fast kernels take uint8 x int8),
   INT8/INT4 weights stored int8, an INT32 bias added to the int32 accumulator;
-* requantization is the spec's dyadic rounding ``round_half_to_even(q * m / 2**e)`` in int64
-  (a two-limb product where ``q * m`` could pass 2**62, as I-LayerNorm's outputs can);
+* requantization is the spec's dyadic rounding ``round_half_to_even(q * m / 2**e)``, spelled by
+  ``ptq.intexec.requant`` for the range of ``q`` that can still change the result (past it every
+  channel saturates); after ShiftGELU's table it folds into the table;
 * the kernels come from ``ptq.intexec.kernels``.
 
 Every value is named after the tensor the simulation's range audit records (quantizer names,
@@ -28,6 +29,7 @@ from onnx import TensorProto, helper
 from torch import Tensor
 
 from ptq.intexec import kernels
+from ptq.intexec import requant as rq
 from ptq.intexec.kernels import I32, I64, IR_VERSION, OPSET, Emitter
 from ptq.quant.qtensor import INT32_MAX
 from ptq.quant.symbolic import Sym
@@ -52,37 +54,6 @@ def _width(lo: int, hi: int) -> tuple[int, bool]:
         return max(1, hi.bit_length()), False
     return max(hi.bit_length(), (-lo - 1).bit_length()) + 1, True
 
-
-def _saturating_bound(m64: np.ndarray, e64: np.ndarray, top: int) -> int:
-    """The least ``P`` with ``|round(P * m / 2**e)| > top`` in every channel: from ``|q| >= P`` on, a
-    clamped requantization gives the same result as at ``q = +-P``."""
-    return max(-(-((top + 1) << int(k)) // abs(int(v))) if v else 0 for v, k in zip(m64, e64, strict=True))
-
-
-def _result_bound(bound: int, m64: np.ndarray, e64: np.ndarray) -> int:
-    """A bound on ``|round(q * m / 2**e)|`` for ``|q| <= bound``, every channel."""
-    return max(-(-bound * abs(int(v)) // (1 << int(k))) for v, k in zip(m64, e64, strict=True)) + 1
-
-
-def _offset(bound: int, m64: np.ndarray, e64: np.ndarray) -> np.ndarray | None:
-    """Per-channel ``K`` for :meth:`OnnxGraph._offset_requant` on ``|q| <= bound``, or None where that
-    spelling is not exact.
-
-    Exact when, in every channel, (1) no ``q`` is a tie: with ``|m| = m' * 2**z`` (``m'`` odd) a tie
-    needs ``q`` an odd multiple of ``2**(e - z - 1)``, impossible for ``bound < 2**(e - z - 1)``;
-    (2) ``q * m + 2**(e-1) + K * 2**e`` lies in ``[0, 2**64)`` for every ``|q| <= bound``, with
-    ``K = ceil(bound * |m| / 2**e)``.
-    """
-    ks = []
-    for v, k in zip((abs(int(v)) for v in m64), (int(k) for k in e64), strict=True):
-        z = (v & -v).bit_length() - 1 if v else k
-        if v and k > z and bound >= 1 << (k - z - 1):
-            return None
-        k_off = max(1, -(-bound * v // (1 << k)))
-        if bound * v + (1 << (k - 1)) + k_off * (1 << k) >= 1 << 64:
-            return None
-        ks.append(k_off)
-    return np.array(ks, dtype=np.int64)
 
 class OnnxGraph:
     """Builds the integer ONNX graph as the model's forward calls it (see module docstring)."""
@@ -162,40 +133,24 @@ class OnnxGraph:
 
         ``saturate``: only results up to that magnitude matter, beyond it only their sign (a clamped
         output's own range; for a residual operand, see :meth:`add`). ``q`` is first clipped where
-        every channel's result passes it, so the result cannot change where it matters. Then, where no tie can occur and the offset numerator fits 64 bits,
-        the short spelling (:meth:`_offset_requant`, five 64-bit passes and 32-bit ones after);
-        otherwise the general uint64 rounding shift, or the two-limb product for ``|q| >= 2**31``.
+        every channel's result passes it, so the result cannot change where it matters. Then the
+        shortest exact spelling ``ptq.intexec.requant.spell`` finds for that range.
         """
         self.em.scope = f"requant:{name}"
         em = self.em
-        m64, e64 = _ints(m).reshape(-1), _ints(e).reshape(-1)
-        top = np.abs(m64) == 2**31  # (2**31, e) -> (2**30, e - 1): the same ratio, |m| < 2**31
-        m64, e64 = np.where(top, m64 // 2, m64), np.where(top, e64 - 1, e64)
-        if (e64 <= 0).any():
-            raise ValueError(f"{name}: requantization ratio >= 2**30 (e={int(e64.min())}) is not supported")
+        m64, e64 = rq.normalise(_ints(m), _ints(e), name)
         if clamp and m64.size == 1 and x.name in self._tables:
             return self._requantized_table(x, m, e, lo, hi, name)
         src, src_dt, bound = x.name, x.dtype, x.bound
         if clamp:
             saturate = max(-lo, hi)
         if saturate is not None:
-            sat = _saturating_bound(m64, e64, saturate)
+            sat = rq.saturating_bound(m64, e64, saturate)
             if sat < bound:  # |q| >= sat clamps to lo / hi in every channel, as q = +-sat does
                 dt = np.int32 if src_dt == "int32" else np.int64
                 src = em.op("Clip", [src, em.const(dt(-sat), dt), em.const(dt(sat), dt)])
                 bound = sat
-        k_off = _offset(bound, m64, e64)
-        if k_off is not None:
-            y, dt = self._offset_requant(src, m64, e64, k_off)
-        elif bound < 2**31:  # |q * m| < 2**62: one 64-bit product (two's complement in uint64), a rounding shift
-            zero = e64 >= 63  # |q * m / 2**e| < 1/2: rounds to 0
-            mz, k = np.where(zero, 0, m64), np.minimum(e64, 62)
-            u = em.op("Cast", [src], to=TensorProto.UINT64)  # q mod 2**64
-            mc = em.const((mz.reshape(()) if mz.size == 1 else mz).astype(np.uint64), np.uint64, hint="mult")
-            y, dt = em.round_shift_u64(em.op("Mul", [u, mc]), self._shape_k(k)), "int64"
-        else:
-            q64 = src if src_dt == "int64" else em.op("Cast", [src], to=I64)
-            y, dt = self._limb_requant(q64, bound, m64, e64, name), "int64"
+        y, dt = rq.spell(em, src, src_dt, bound, m64, e64, name)
         if clamp:
             if dt == "int32":
                 y = em.op("Clip", [y, em.const(lo, np.int32), em.const(hi, np.int32)], out=name)
@@ -204,7 +159,7 @@ class OnnxGraph:
             bits, signed = _width(lo, hi)
             return self._out(y, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
         y = em.op("Identity", [y], out=name)
-        b = _result_bound(bound, m64, e64)
+        b = rq.result_bound(bound, m64, e64)
         return self._out(y, x.shape, dt, -b, b, kind="operand", bits=ACC_BITS, signed=True)
 
     def _requantized_table(self, x: Sym, m: Tensor, e: Tensor, lo: int, hi: int, name: str) -> Sym:
@@ -228,57 +183,6 @@ class OnnxGraph:
         bits, signed = _width(lo, hi)
         return self._out(y, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
 
-    def _offset_requant(self, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> tuple[str, str]:
-        """``round(q * m / 2**e)`` as ``floor((q * m + 2**(e-1) + K * 2**e) / 2**e) - K`` (see :func:`_offset`).
-
-        ``q * m`` is formed modulo 2**64 (q cast to uint64 is its two's complement); the offset makes
-        the true numerator non-negative and below 2**64, so the modular sum is the numerator itself
-        and its logical right shift is the floor. Half up equals half to even because no tie occurs.
-        Returns the value and its dtype (int32 when ``2K + 2 < 2**31``).
-        """
-        em = self.em
-        mu = em.const(self._shape_k(m64).astype(np.uint64), np.uint64, hint="mult")
-        offs = [(1 << (int(k) - 1)) + int(c) * (1 << int(k)) for k, c in zip(e64, k_off, strict=True)]
-        cu = em.const(self._shape_k(np.array(offs, dtype=np.uint64)), np.uint64, hint="round_off")
-        ku = em.const(self._shape_k(e64).astype(np.uint64), np.uint64, hint="k")
-        fl = em.op("BitShift", [em.op("Add", [em.op("Mul", [em.op("Cast", [q], to=TensorProto.UINT64), mu]), cu]), ku],
-                   direction="RIGHT")
-        if 2 * int(k_off.max()) + 2 < 2**31:
-            return em.op("Sub", [em.op("Cast", [fl], to=I32), em.const(self._shape_k(k_off), np.int32)]), "int32"
-        return em.op("Sub", [em.op("Cast", [fl], to=I64), em.const(self._shape_k(k_off))]), "int64"
-
-    def _vec(self, v: np.ndarray, hint: str) -> str:
-        """A per-tensor (scalar) or per-channel (last axis) int64 constant."""
-        return self.em.const(self._shape_k(v), hint=hint)
-
-    @staticmethod
-    def _shape_k(k: np.ndarray) -> np.ndarray:
-        """A per-tensor value as a scalar, a per-channel one as it is (broadcast over the last axis)."""
-        return k.reshape(()) if k.size == 1 else k
-
-    def _limb_requant(self, q: str, bound: int, m64: np.ndarray, e64: np.ndarray, name: str) -> str:
-        """Wide ``q`` (|q| <= 2**59), ratio < 1 (``e >= 31``): ``q * m = w * 2**31 + v`` from q's two limbs.
-
-        Bits of ``v`` below its half bit only matter through whether any is set, so they fold
-        into one sticky bit: ``round(q * m / 2**e) = round((4w + 2 bit30(v) + sticky) / 2**(e - 29))``.
-        """
-        em = self.em
-        if bound > 2**59 or (e64 < 31).any():
-            raise ValueError(f"{name}: no exact int64 requantization for |q| <= {bound} with e >= {int(e64.min())}")
-        zero = e64 - 29 >= 63
-        m64, k = np.where(zero, 0, m64), np.minimum(e64 - 29, 62)
-        mc = self._vec(m64, "mult")
-        qh = em.floor_shift(q, 31)
-        t = em.op("Mul", [em.op("BitwiseAnd", [q, em.const(INT32_MAX)]), mc])
-        w = em.op("Add", [em.op("Mul", [qh, mc]), em.floor_shift(t, 31)])
-        v = em.op("BitwiseAnd", [t, em.const(INT32_MAX)])
-        half_bit = em.op("Div", [v, em.const(2**30)])
-        sticky = em.op("Cast", [em.op("Greater", [em.op("BitwiseAnd", [v, em.const(2**30 - 1)]), em.const(0)])],
-                       to=I64)
-        p2 = em.op("Add", [em.op("Add", [em.op("Mul", [w, em.const(4)]), em.op("Mul", [half_bit, em.const(2)])]),
-                           sticky])
-        return em.round_shift(p2, self._shape_k(k))
-
     def add(self, a: Sym, ra: tuple[Tensor, Tensor], b: Sym | Tensor, rb: tuple[Tensor, Tensor] | None, lo: int,
             hi: int, name: str) -> Sym:
         """Residual add: both operands requantized unclamped (``ra``, ``rb``: their ``(m, e)``; a folded
@@ -291,12 +195,12 @@ class OnnxGraph:
         """
         top = max(-lo, hi)
         ma, ea = _ints(ra[0]).reshape(-1), _ints(ra[1]).reshape(-1)
-        bound_a = _result_bound(a.bound, ma, ea)
+        bound_a = rq.result_bound(a.bound, ma, ea)
         if isinstance(b, Sym):
             if rb is None:
                 raise ValueError(f"{name}: an integer operand needs its requantization ratio")
             mb, eb = _ints(rb[0]).reshape(-1), _ints(rb[1]).reshape(-1)
-            bound_b = _result_bound(b.bound, mb, eb)
+            bound_b = rq.result_bound(b.bound, mb, eb)
             qb: Sym | None = self.requantize(b, *rb, lo, hi, False, name + ".b", saturate=top + bound_a)
             bi = None
         else:

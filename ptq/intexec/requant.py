@@ -1,0 +1,125 @@
+"""The spec's dyadic requantizer, ``round_half_to_even(q * m / 2**e)``, spelled in ONNX integer ops.
+
+``ptq.intexec.graph`` decides what range of ``q`` matters (saturation clips) and calls :func:`spell`,
+which picks the shortest spelling that is exact on that range:
+
+* :func:`offset_requant`: ``floor((q * m + 2**(e-1) + K * 2**e) / 2**e) - K`` in uint64, five 64-bit
+  passes, where no tie can occur and the numerator fits 64 bits (:func:`offset`);
+* the general rounding shift in uint64 with the floor's parity (ties to even), ``|q| < 2**31``;
+* :func:`limb_requant`, the two-limb product, for wider ``q`` (I-LayerNorm's outputs).
+
+Each is checked against ``ptq.quant.requant.apply_dyadic`` in ``tests/test_onnx_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from ptq.intexec.kernels import I32, I64, Emitter
+from ptq.quant.qtensor import INT32_MAX
+
+
+def shape_k(k: np.ndarray) -> np.ndarray:
+    """A per-tensor value as a scalar, a per-channel one as it is (broadcast over the last axis)."""
+    return k.reshape(()) if k.size == 1 else k
+
+
+def normalise(m: np.ndarray, e: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(m, e)`` flattened, with ``|m| = 2**31`` written ``(2**30, e - 1)`` (the same ratio, ``|m| < 2**31``)."""
+    m64, e64 = m.reshape(-1), e.reshape(-1)
+    top = np.abs(m64) == 2**31
+    m64, e64 = np.where(top, m64 // 2, m64), np.where(top, e64 - 1, e64)
+    if (e64 <= 0).any():
+        raise ValueError(f"{name}: requantization ratio >= 2**30 (e={int(e64.min())}) is not supported")
+    return m64, e64
+
+
+def spell(em: Emitter, q: str, q_dtype: str, bound: int, m64: np.ndarray, e64: np.ndarray,
+          name: str) -> tuple[str, str]:
+    """``round_half_to_even(q * m / 2**e)`` for ``|q| <= bound``: the value and its dtype (int32 or int64)."""
+    k_off = offset(bound, m64, e64)
+    if k_off is not None:
+        return offset_requant(em, q, m64, e64, k_off)
+    if bound < 2**31:  # |q * m| < 2**62: one 64-bit product (two's complement in uint64), a rounding shift
+        zero = e64 >= 63  # |q * m / 2**e| < 1/2: rounds to 0
+        mz, k = np.where(zero, 0, m64), np.minimum(e64, 62)
+        u = em.op("Cast", [q], to=TensorProto.UINT64)  # q mod 2**64
+        mc = em.const(shape_k(mz).astype(np.uint64), np.uint64, hint="mult")
+        return em.round_shift_u64(em.op("Mul", [u, mc]), shape_k(k)), "int64"
+    q64 = q if q_dtype == "int64" else em.op("Cast", [q], to=I64)
+    return limb_requant(em, q64, bound, m64, e64, name), "int64"
+
+
+def saturating_bound(m64: np.ndarray, e64: np.ndarray, top: int) -> int:
+    """The least ``P`` with ``|round(P * m / 2**e)| > top`` in every channel: from ``|q| >= P`` on, a
+    clamped requantization gives the same result as at ``q = +-P``."""
+    return max(-(-((top + 1) << int(k)) // abs(int(v))) if v else 0 for v, k in zip(m64, e64, strict=True))
+
+
+def result_bound(bound: int, m64: np.ndarray, e64: np.ndarray) -> int:
+    """A bound on ``|round(q * m / 2**e)|`` for ``|q| <= bound``, every channel."""
+    return max(-(-bound * abs(int(v)) // (1 << int(k))) for v, k in zip(m64, e64, strict=True)) + 1
+
+
+def offset(bound: int, m64: np.ndarray, e64: np.ndarray) -> np.ndarray | None:
+    """Per-channel ``K`` for :func:`offset_requant` on ``|q| <= bound``, or None where that
+    spelling is not exact.
+
+    Exact when, in every channel, (1) no ``q`` is a tie: with ``|m| = m' * 2**z`` (``m'`` odd) a tie
+    needs ``q`` an odd multiple of ``2**(e - z - 1)``, impossible for ``bound < 2**(e - z - 1)``;
+    (2) ``q * m + 2**(e-1) + K * 2**e`` lies in ``[0, 2**64)`` for every ``|q| <= bound``, with
+    ``K = ceil(bound * |m| / 2**e)``.
+    """
+    ks = []
+    for v, k in zip((abs(int(v)) for v in m64), (int(k) for k in e64), strict=True):
+        z = (v & -v).bit_length() - 1 if v else k
+        if v and k > z and bound >= 1 << (k - z - 1):
+            return None
+        k_off = max(1, -(-bound * v // (1 << k)))
+        if bound * v + (1 << (k - 1)) + k_off * (1 << k) >= 1 << 64:
+            return None
+        ks.append(k_off)
+    return np.array(ks, dtype=np.int64)
+
+
+def offset_requant(em: Emitter, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> tuple[str, str]:
+    """``round(q * m / 2**e)`` as ``floor((q * m + 2**(e-1) + K * 2**e) / 2**e) - K`` (see :func:`offset`).
+
+    ``q * m`` is formed modulo 2**64 (q cast to uint64 is its two's complement); the offset makes
+    the true numerator non-negative and below 2**64, so the modular sum is the numerator itself
+    and its logical right shift is the floor. Half up equals half to even because no tie occurs.
+    Returns the value and its dtype (int32 when ``2K + 2 < 2**31``).
+    """
+    mu = em.const(shape_k(m64).astype(np.uint64), np.uint64, hint="mult")
+    offs = [(1 << (int(k) - 1)) + int(c) * (1 << int(k)) for k, c in zip(e64, k_off, strict=True)]
+    cu = em.const(shape_k(np.array(offs, dtype=np.uint64)), np.uint64, hint="round_off")
+    ku = em.const(shape_k(e64).astype(np.uint64), np.uint64, hint="k")
+    fl = em.op("BitShift", [em.op("Add", [em.op("Mul", [em.op("Cast", [q], to=TensorProto.UINT64), mu]), cu]), ku],
+               direction="RIGHT")
+    if 2 * int(k_off.max()) + 2 < 2**31:
+        return em.op("Sub", [em.op("Cast", [fl], to=I32), em.const(shape_k(k_off), np.int32)]), "int32"
+    return em.op("Sub", [em.op("Cast", [fl], to=I64), em.const(shape_k(k_off))]), "int64"
+
+
+def limb_requant(em: Emitter, q: str, bound: int, m64: np.ndarray, e64: np.ndarray, name: str) -> str:
+    """Wide ``q`` (|q| <= 2**59), ratio < 1 (``e >= 31``): ``q * m = w * 2**31 + v`` from q's two limbs.
+
+    Bits of ``v`` below its half bit only matter through whether any is set, so they fold
+    into one sticky bit: ``round(q * m / 2**e) = round((4w + 2 bit30(v) + sticky) / 2**(e - 29))``.
+    """
+    if bound > 2**59 or (e64 < 31).any():
+        raise ValueError(f"{name}: no exact int64 requantization for |q| <= {bound} with e >= {int(e64.min())}")
+    zero = e64 - 29 >= 63
+    m64, k = np.where(zero, 0, m64), np.minimum(e64 - 29, 62)
+    mc = em.const(shape_k(m64), hint="mult")
+    qh = em.floor_shift(q, 31)
+    t = em.op("Mul", [em.op("BitwiseAnd", [q, em.const(INT32_MAX)]), mc])
+    w = em.op("Add", [em.op("Mul", [qh, mc]), em.floor_shift(t, 31)])
+    v = em.op("BitwiseAnd", [t, em.const(INT32_MAX)])
+    half_bit = em.op("Div", [v, em.const(2**30)])
+    sticky = em.op("Cast", [em.op("Greater", [em.op("BitwiseAnd", [v, em.const(2**30 - 1)]), em.const(0)])],
+                   to=I64)
+    p2 = em.op("Add", [em.op("Add", [em.op("Mul", [w, em.const(4)]), em.op("Mul", [half_bit, em.const(2)])]),
+                       sticky])
+    return em.round_shift(p2, shape_k(k))
