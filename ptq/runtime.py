@@ -42,9 +42,13 @@ def use_compile_cache(cache_dir: str | Path | None) -> str | None:
     sweep job loads the compiled graphs instead (the embedded default's headline command
     measured cold and warm: see the README Performance notes). Inductor's own default is
     ``/tmp``, which is per node on a cluster; next to the stage caches every SLURM job of a
-    sweep shares it. An explicit ``$TORCHINDUCTOR_CACHE_DIR`` wins. Returns the directory used.
+    sweep shares it. A ``$TORCHINDUCTOR_CACHE_DIR`` the user set wins (``ptq.USER_COMPILE_CACHE``:
+    by the time this runs, importing inductor has written its own default into the variable, so
+    the variable alone cannot say). Returns the directory used.
     """
-    if cache_dir is not None and COMPILE_CACHE_ENV not in os.environ:
+    import ptq
+
+    if cache_dir is not None and ptq.USER_COMPILE_CACHE is None:
         os.environ[COMPILE_CACHE_ENV] = str(Path(cache_dir).resolve() / "inductor")
     return os.environ.get(COMPILE_CACHE_ENV)
 

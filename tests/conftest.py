@@ -19,6 +19,10 @@ if XDIST:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
 
+# One torch.compile cache for the whole suite and the CLI runs it starts (inductor's own default
+# location), not one per test's tmp cache_dir: a cold compile of the fused kernels costs each run 10-15 s.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", f"/tmp/torchinductor_{os.environ.get('USER', 'ptq')}")
+
 import torch  # noqa: E402  (after the thread settings above)
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

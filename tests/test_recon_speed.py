@@ -142,10 +142,18 @@ def test_integer_kernels_trace_without_graph_breaks() -> None:
 
 
 def test_compile_cache_lives_with_the_stage_caches(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ptq
     from ptq.runtime import COMPILE_CACHE_ENV, use_compile_cache
 
+    monkeypatch.setattr(ptq, "USER_COMPILE_CACHE", None)
     monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
     assert use_compile_cache(None) is None  # no cache_dir: inductor's own default
     assert use_compile_cache(tmp_path / "cache") == str((tmp_path / "cache").resolve() / "inductor")
+    # importing inductor wrote its default into the variable: still ours, the user did not choose it
+    import torch._inductor.codecache  # noqa: F401
+
+    monkeypatch.setenv(COMPILE_CACHE_ENV, "/tmp/inductor-default")
+    assert use_compile_cache(tmp_path / "cache") == str((tmp_path / "cache").resolve() / "inductor")
+    monkeypatch.setattr(ptq, "USER_COMPILE_CACHE", str(tmp_path / "mine"))
     monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "mine"))
     assert use_compile_cache(tmp_path / "cache") == str(tmp_path / "mine")  # an explicit setting wins
