@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +23,11 @@ if XDIST:
 
 # One torch.compile cache for the whole suite and the CLI runs it starts (inductor's own default
 # location), not one per test's tmp cache_dir: a cold compile of the fused kernels costs each run 10-15 s.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", f"/tmp/torchinductor_{os.environ.get('USER', 'ptq')}")
+try:
+    _user = getpass.getuser()
+except (KeyError, OSError):
+    _user = f"uid_{os.getuid()}"
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{_user}"))
 
 import torch  # noqa: E402  (after the thread settings above)
 from hydra import compose, initialize_config_dir  # noqa: E402
