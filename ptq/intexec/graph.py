@@ -147,8 +147,8 @@ class OnnxGraph:
         if saturate is not None:
             sat = rq.saturating_bound(m64, e64, saturate)
             if sat < bound:  # |q| >= sat clamps to lo / hi in every channel, as q = +-sat does
-                dt = np.int32 if src_dt == "int32" else np.int64
-                src = em.op("Clip", [src, em.const(dt(-sat), dt), em.const(dt(sat), dt)])
+                src_np = np.int32 if src_dt == "int32" else np.int64
+                src = em.op("Clip", [src, em.const(src_np(-sat), src_np), em.const(src_np(sat), src_np)])
                 bound = sat
         y, dt = rq.spell(em, src, src_dt, bound, m64, e64, name)
         if clamp:
@@ -194,13 +194,11 @@ class OnnxGraph:
         ``|a| + |b|`` provably fits (the operands' bounds), else in int64.
         """
         top = max(-lo, hi)
-        ma, ea = _ints(ra[0]).reshape(-1), _ints(ra[1]).reshape(-1)
-        bound_a = rq.result_bound(a.bound, ma, ea)
+        bound_a = rq.result_bound(a.bound, *rq.normalise(_ints(ra[0]), _ints(ra[1]), name + ".a"))
         if isinstance(b, Sym):
             if rb is None:
                 raise ValueError(f"{name}: an integer operand needs its requantization ratio")
-            mb, eb = _ints(rb[0]).reshape(-1), _ints(rb[1]).reshape(-1)
-            bound_b = rq.result_bound(b.bound, mb, eb)
+            bound_b = rq.result_bound(b.bound, *rq.normalise(_ints(rb[0]), _ints(rb[1]), name + ".b"))
             qb: Sym | None = self.requantize(b, *rb, lo, hi, False, name + ".b", saturate=top + bound_a)
             bi = None
         else:
