@@ -93,14 +93,15 @@ def test_markdown_table_printed(quick_run) -> None:
 def test_readme_section_replaces_only_the_marked_block(quick_run, tmp_path: Path) -> None:
     result, _, out = quick_run
     readme = tmp_path / "README.md"
-    before = "# Title\n\nIntro.\n\n" + bench.MARK_START + "\nold stuff\n" + bench.MARK_END + "\n\n## After\n\nTail.\n"
+    before = ("# Title\n\nIntro.\n\n" + bench.MARK_START + "\nold stuff\n" + bench.MARK_END + "\n\n## After\n\nTail.\n"
+              "<!-- onnx:start -->\n<!-- onnx:end -->\n")
     readme.write_text(before)
     assert bench.main(["--from-json", str(out), "--readme", str(readme)]) == 0
     text = readme.read_text()
     head, rest = text.split(bench.MARK_START)
     body, tail = rest.split(bench.MARK_END)
-    assert head == "# Title\n\nIntro.\n\n" and tail == "\n\n## After\n\nTail.\n"
-    assert "old stuff" not in body and "## Performance" in body
+    assert head == "# Title\n\nIntro.\n\n" and tail.startswith("\n\n## After\n\nTail.\n<!-- onnx:start -->\nMeasured")
+    assert "old stuff" not in body and "## Performance" in body and "onnxruntime `ort_int_w8a8`" in body
     mach = result["machine"]
     assert mach["torch"] in body and mach["device_name"] in body and "`cpu`" in body
     # idempotent: rendering again gives the same file
@@ -120,21 +121,43 @@ def test_readme_without_markers_is_a_clear_error(quick_run, tmp_path: Path, caps
     assert readme.read_text() == "# No markers here\n"
 
 
-def test_onnx_comparison_writes_ratios_profile_and_its_readme_block(tmp_path: Path) -> None:
-    """``--onnx --quick`` on tiny: float and both integer models timed, W8A8 profiled by role, block rendered."""
+def test_onnx_comparison_is_part_of_the_benchmark(quick_run, tmp_path: Path) -> None:
+    """The full benchmark ends with the onnxruntime comparison: float and both integer models timed per
+    model, W8A8 profiled by role, its ``ort_*`` ratios among the model's ratios and rows in the table;
+    ``--onnx --from-json`` renders the README's onnx block from it."""
+    result, printed, out = quick_run
+    for name in ("tiny", "vit_b_16"):
+        ores = result["onnx"]["models"][name]
+        assert set(ores["ratios"]) == {"ort_int_w8a8", "ort_int_w4a8", "ort_int_w8a8_b1", "ort_int_w4a8_b1"}
+        assert all(_positive(v) for v in ores["ratios"].values())
+        assert {k: result["ratios_by_model"][name][k] for k in ores["ratios"]} == ores["ratios"]
+        for key, size in ores["bytes"].items():
+            assert (out.parent / "onnx_models" / name / f"{key}.onnx").stat().st_size == size
+        prof = ores["profile_int_w8a8"]
+        assert {"gemm", "requant", "shiftmax", "shiftgelu", "layernorm", "residual"} <= set(prof["by_role_ms"])
+        assert abs(sum(prof["by_role_ms"].values()) - prof["total_ms"]) < 0.01 * prof["total_ms"] + 0.1
+    ratio = result["ratios"]["ort_int_w8a8_b1"]  # the primary model's, against its own target
+    assert result["targets_met"]["ort_int_w8a8_b1"] == (ratio <= result["targets_by_model"]["vit_b_16"]["ort_int_w8a8_b1"])
+    assert "ort_int_w4a8" not in result["targets_met"]  # no target
+    rows = [ln for ln in printed.splitlines() if "`ort_int_w8a8`" in ln]
+    assert len(rows) == 2 and rows[0].startswith("| tiny |") and f"{result['ratios']['ort_int_w8a8']:.2f}x" in rows[1]
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- onnx:start -->\nold\n<!-- onnx:end -->\ntail\n")
-    out = tmp_path / "onnx.json"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert bench.main(["--onnx", "--quick", "--models", "tiny", "--out", str(out), "--readme", str(readme)]) == 0
-    res = json.loads(out.read_text())
-    tiny = res["models"]["tiny"]
-    assert set(tiny["ratios"]) == {"ort_int_w8a8", "ort_int_w4a8", "ort_int_w8a8_b1", "ort_int_w4a8_b1"}
-    assert all(math.isfinite(v) and v > 0 for v in tiny["ratios"].values())
-    assert all((tmp_path / "onnx_models" / "tiny" / f"{k}.onnx").stat().st_size == v for k, v in tiny["bytes"].items())
-    prof = tiny["profile_int_w8a8"]
-    assert {"gemm", "requant", "shiftmax", "shiftgelu", "layernorm", "residual"} <= set(prof["by_role_ms"])
-    assert abs(sum(prof["by_role_ms"].values()) - prof["total_ms"]) < 0.01 * prof["total_ms"] + 0.1
+        assert bench.main(["--onnx", "--from-json", str(out), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith("intro\n<!-- onnx:start -->\n") and text.endswith("<!-- onnx:end -->\ntail\n")
+    assert text.startswith("intro\n<!-- onnx:start -->\nMeasured by `python -m ptq.bench --quick`")
+    assert text.endswith("<!-- onnx:end -->\ntail\n")
     assert "old" not in text and "| tiny (batch N = 64) | int_w8a8 |" in text
+
+
+def test_readme_needs_the_onnx_block_when_the_result_has_one(quick_run, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """A perf block alone is not enough for a result with the onnxruntime comparison: one clear line, exit 2."""
+    _, _, out = quick_run
+    readme = tmp_path / "README.md"
+    readme.write_text(bench.MARK_START + "\nold\n" + bench.MARK_END + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--from-json", str(out), "--readme", str(readme)])
+    assert exit_info.value.code == 2 and "onnx:start" in capsys.readouterr().err
+    assert readme.read_text() == bench.MARK_START + "\nold\n" + bench.MARK_END + "\n"

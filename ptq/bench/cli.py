@@ -80,8 +80,14 @@ def _arch(model: VisionTransformer) -> dict[str, int]:
 
 
 def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto",
-              backends: Sequence[str] = ADAROUND_BACKENDS, compile_step: bool = True) -> dict[str, Any]:
-    """Run the benchmark; the JSON-ready result."""
+              backends: Sequence[str] = ADAROUND_BACKENDS, compile_step: bool = True,
+              onnx_out: Path | None = None, onnx: bool = True) -> dict[str, Any]:
+    """Run the benchmark; the JSON-ready result.
+
+    With ``onnx`` the onnxruntime comparison (``ptq.bench.onnxrt``, the same as ``--onnx``) runs last,
+    its result under ``"onnx"`` and its ``ort_*`` ratios merged into each model's ratios; its models
+    are written to ``onnx_out`` when given.
+    """
     device = resolve_device(device_name)
     result: dict[str, Any] = {
         "created": _dt.datetime.now().isoformat(timespec="seconds"), "quick": quick, "device": device.type,
@@ -89,11 +95,19 @@ def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto",
     }
     for name in models:
         result["models"][name] = bench_model(name, quick, device, backends, compile_step)
+    targets = {name: dict(TARGETS) for name in models}
+    if onnx:
+        result["onnx"] = run_onnx_bench(list(models), quick, onnx_out)
+        for name, ores in result["onnx"]["models"].items():
+            result["models"][name]["ratios"].update(ores["ratios"])
+            targets[name].update(ores["targets"])
     primary = "vit_b_16" if "vit_b_16" in result["models"] else models[0]
     result["ratios_model"] = primary
     result["ratios"] = dict(result["models"][primary]["ratios"])
     result["ratios_by_model"] = {k: v["ratios"] for k, v in result["models"].items()}
-    result["targets_met"] = {k: bool(v <= TARGETS[k]) for k, v in result["ratios"].items()}
+    result["targets_by_model"] = targets
+    result["targets_met"] = {k: bool(v <= targets[primary][k]) for k, v in result["ratios"].items()
+                             if k in targets[primary]}
     if "vit_b_16" in result["models"]:
         peak = result["models"]["vit_b_16"]["cache_memory"]["analytic"]["capture_peak_bytes"]
         result["targets_met"]["cache_bytes_vit_b_16_1024"] = bool(peak <= TARGETS["cache_bytes_vit_b_16_1024"])
@@ -106,10 +120,17 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _onnx_main(models: list[str], args: argparse.Namespace) -> int:
-    """``--onnx``: the onnxruntime comparison alone (or re-rendered ``--from-json``)."""
-    if args.from_json is not None:
-        result = json.loads(args.from_json.read_text())
+def _onnx_part(result: dict[str, Any]) -> dict[str, Any]:
+    """A full benchmark's onnxruntime comparison, dated and placed as an ``--onnx`` result is."""
+    return result["onnx"] | {"created": result["created"], "cpu": result["machine"].get("cpu"),
+                             "command": "python -m ptq.bench"}
+
+
+def _onnx_main(models: list[str], args: argparse.Namespace, loaded: dict[str, Any] | None) -> int:
+    """``--onnx``: the onnxruntime comparison alone (or re-rendered from ``--from-json``: an ``--onnx``
+    result, or a full benchmark's, whose ``"onnx"`` part it takes)."""
+    if loaded is not None:
+        result = _onnx_part(loaded) if "onnx" in loaded else loaded
     else:
         out = DEFAULT_ONNX_OUT if args.out == DEFAULT_OUT else args.out
         result = run_onnx_bench(models, args.quick, out.parent / "onnx_models")
@@ -145,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx", action="store_true",
                    help="only the onnxruntime comparison: float.onnx against the W8A8 / W4A8 integer models "
                         "(JSON to --out, default outputs/bench_onnx.json; README block onnx:start/onnx:end)")
+    p.add_argument("--skip-onnx", action="store_true",
+                   help="leave out the onnxruntime comparison (the ort_* rows) that a full benchmark ends with")
     p.add_argument("--from-json", type=Path, default=None,
                    help="render --readme / the table from this JSON instead of benchmarking")
     args = p.parse_args(argv)
@@ -154,18 +177,26 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in models if m not in ("tiny", "vit_b_16")]
     if bad or not models:
         p.error(f"--models: unknown {bad or 'empty list'}; choose from tiny,vit_b_16")
-    if args.readme is not None:  # fail before minutes of benchmarking
+    loaded = None
+    if args.from_json is not None:
         try:
-            if args.onnx:
-                replace_block(args.readme.read_text(), ONNX_BLOCK, "")
-            else:
-                replace_marked_block(args.readme.read_text(), "")
+            loaded = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as exc:
+            p.error(f"--from-json {args.from_json}: {exc}")
+    if args.readme is not None:  # fail before minutes of benchmarking
+        with_onnx = args.onnx or ("onnx" in loaded if loaded is not None else not args.skip_onnx)
+        try:
+            text = args.readme.read_text()
+            if not args.onnx:
+                replace_marked_block(text, "")
+            if with_onnx:
+                replace_block(text, ONNX_BLOCK, "")
         except (OSError, ValueError) as exc:
             p.error(f"--readme {args.readme}: {exc}")
     if args.onnx:
-        return _onnx_main(models, args)
-    if args.from_json is not None:
-        result = json.loads(args.from_json.read_text())
+        return _onnx_main(models, args, loaded)
+    if loaded is not None:
+        result = loaded
     else:
         threads = torch.get_num_threads()
         if args.threads is not None:
@@ -173,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         malloc_tuned = tune_malloc() if args.tune_malloc else False
         try:
             backends = ADAROUND_BACKENDS if args.adaround_backend == "both" else (args.adaround_backend,)
-            result = run_bench(models, args.quick, args.device, backends, args.adaround_compile)
+            result = run_bench(models, args.quick, args.device, backends, args.adaround_compile,
+                               args.out.parent / "onnx_models", onnx=not args.skip_onnx)
         finally:
             torch.set_num_threads(threads)
         result["machine"]["malloc_tuned"] = malloc_tuned
@@ -184,5 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme is not None:
         update_readme(args.readme, result)
         log.info("updated the Performance section of %s", args.readme)
+        if "onnx" in result:
+            update_readme_onnx(args.readme, _onnx_part(result))
+            log.info("updated the onnx block of %s", args.readme)
     return 0
 

@@ -202,7 +202,8 @@ ONNX_BLOCK = "onnx"  # README block between <!-- onnx:start --> and <!-- onnx:en
 
 def render_onnx_section(result: dict[str, Any]) -> str:
     """The README block: how it was measured, the table, and the ratios against their targets."""
-    lines = [f"Measured by `python -m ptq.bench --onnx{' --quick' if result['quick'] else ''}` on "
+    command = result.get("command", "python -m ptq.bench --onnx")
+    lines = [f"Measured by `{command}{' --quick' if result['quick'] else ''}` on "
              f"{result.get('created', '')[:10]} with {result['runtime']} (CPU execution provider, "
              f"{result['threads']} threads, {result.get('cpu', 'this machine')}): the float model exported by "
              "`torch.onnx.export`, the W8A8 and W4A8 ivit models by `ptq.intexec`, timed interleaved in one "

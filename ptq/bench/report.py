@@ -27,6 +27,23 @@ def _adaround_row(label: str, backend: str, ada: dict[str, Any], kind: str, u: d
             f"<= {t:g}x | {_ok(u['ratio'], t)} |")
 
 
+def _ort_rows(label: str, ores: dict[str, Any]) -> list[str]:
+    """The onnxruntime comparison of one model: each integer model against ``float.onnx``, batch N and 1."""
+    rows = []
+    f = ores["models"]["float"]
+    for key, m in ores["models"].items():
+        if key == "float":
+            continue
+        for suffix, col, batch in (("", "batch_ms", ores["batch"]), ("_b1", "b1_ms", 1)):
+            rk = f"ort_{key}{suffix}"
+            t = ores["targets"].get(rk)
+            tcol, met = (f"<= {t:g}x", _ok(ores["ratios"][rk], t)) if t is not None else ("", "")
+            rows.append(f"| {label} | onnxruntime `{rk}`: {key.removeprefix('int_').upper()} integer ONNX vs "
+                        f"float.onnx, batch {batch} (ms/batch) | {m[col]:.1f} | {f[col]:.1f} | "
+                        f"{ores['ratios'][rk]:.2f}x | {tcol} | {met} |")
+    return rows
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """One row per measurement: quantized, float, ratio (quantized/float time) and the target."""
     rows = ["| model | measurement | quantized | float | ratio | target | met |",
@@ -43,6 +60,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         cal = m["calibration"]
         rows.append(f"| {label} | calibration, observe mode (img/s) | {cal['images_per_s']:.1f} | "
                     f"{cal['float_images_per_s']:.1f} | {cal['ratio_to_float']:.2f}x | | |")
+        if name in result.get("onnx", {}).get("models", {}):
+            rows += _ort_rows(label, result["onnx"]["models"][name])
         rows += [_adaround_row(label, backend, ada, kind, u)
                  for backend, ada in m["adaround"].items() for kind, u in ada["units"].items()]
         mem = m["cache_memory"]
@@ -73,7 +92,8 @@ def render_readme_section(result: dict[str, Any]) -> str:
         if m["model"].get("reduced_depth"):
             desc += " (vit_b_16 width at reduced depth, quick mode)"
         notes.append(desc)
-    summary = ", ".join(f"{k} {r[k]:.2f}x" for k in RATIO_KEYS if k in r)
+    summary = ", ".join(f"{k} {r[k]:.2f}x" for k in (*RATIO_KEYS, *sorted(k for k in r if k.startswith("ort_")))
+                        if k in r)
     malloc = " glibc malloc thresholds raised (`--tune-malloc`)." if mach.get("malloc_tuned") else ""
     lines = [
         "## Performance",
@@ -86,6 +106,12 @@ def render_readme_section(result: dict[str, Any]) -> str:
         f"in one process (median over repeats); AdaRound iterations are timed inside `train_unit` against one "
         f"plain forward+backward of the float unit on the same batch; an `adaround_*` ratio is the worst unit of its "
         f"kind.{malloc}",
+        *(["", f"The `ort_*` rows are `python -m ptq.bench --onnx`'s comparison, run as the last part of this "
+               f"benchmark: the float model exported by `torch.onnx.export` against the W8A8 and W4A8 ivit integer "
+               f"models of `ptq.intexec` on {result['onnx']['runtime']} (CPU execution provider, "
+               f"{result['onnx']['threads']} threads), timed interleaved in one process. The integer model's "
+               f"profile by role is in [Deploying the integer model](#deploying-the-integer-model), the levers "
+               f"in `docs/performance.md`."] if "onnx" in result else []),
         "",
         f"Headline ratios ({result['ratios_model']}): {summary}.",
         "",
