@@ -102,6 +102,16 @@ def test_requantize_matches_the_dyadic_requantizer(wide: bool, clamp: bool) -> N
         np.testing.assert_array_equal(_run(build, q), want.numpy())
 
 
+def _inputs_of(nodes: list, out: str) -> list[str]:
+    """Op types of the nodes ``out`` depends on."""
+    want, ops = {out}, []
+    for node in reversed(nodes):
+        if any(o in want for o in node.output):
+            ops.append(node.op_type)
+            want.update(node.input)
+    return ops
+
+
 @pytest.mark.parametrize("case", ["acc_int8", "acc_int16", "acc_operand", "wide_int8", "ties"])
 def test_requantize_short_spelling_is_exact_and_chosen_where_it_applies(case: str) -> None:
     """The offset spelling (no tie possible, numerator below 2**64) against ``requant.apply_dyadic``.
@@ -130,21 +140,28 @@ def test_requantize_short_spelling_is_exact_and_chosen_where_it_applies(case: st
     want = requant.apply_dyadic(torch.from_numpy(q), m, e, lo, hi, clamp)
     g = OnnxGraph()
     ops: list[str] = []
+    twin = case in ("acc_int8", "wide_int8")  # clamped to INT8 on the short spelling: a uint8 twin too
 
-    def build(em: kernels.Emitter, v: str) -> str:
+    def build(em: kernels.Emitter, v: str, want_twin: bool = False) -> str:
         g.em = em
         y = g.requantize(Sym(g, v, (1, c), "int64" if wide else "int32", -top, top), m, e, lo, hi, clamp, "r")
-        ops.extend(n.op_type for n in em.nodes)
-        return em.op("Cast", [y.name], to=TensorProto.INT64)
+        assert (g.u8_twin(y) is not None) == twin
+        out = g.u8_twin(y) if want_twin else y.name
+        ops.extend(_inputs_of(em.nodes, out))
+        return em.op("Cast", [out], to=TensorProto.INT64)
 
-    def build32(em: kernels.Emitter, v: str) -> str:  # the model hands int32 values to the requantizer
-        return build(em, v if wide else em.op("Cast", [v], to=TensorProto.INT32))
+    def build32(em: kernels.Emitter, v: str, want_twin: bool = False) -> str:  # the model hands int32 values
+        return build(em, v if wide else em.op("Cast", [v], to=TensorProto.INT32), want_twin)
 
     np.testing.assert_array_equal(_run(build32, q), want.numpy())
     short = "BitwiseAnd" not in ops  # the general spellings test the floor's parity with BitwiseAnd
     assert short == (case != "ties"), ops
     if clamp and case != "ties":
         assert ops.count("Clip") == 2 and ops.count("Cast") <= 3  # the saturation clip, the output clamp
+    if twin:  # value + 128 as uint8, from the same floor: a uint64 Clip and the Cast
+        ops.clear()
+        np.testing.assert_array_equal(_run(lambda em, v: build32(em, v, True), q), want.numpy() + 128)
+        assert ops.count("Clip") == 2 and "Sub" not in ops, ops
 
 
 @pytest.mark.parametrize("const", [False, True])

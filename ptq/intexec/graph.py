@@ -10,7 +10,8 @@ drives it (``ptq.intexec.build``); this module decides only how each operation i
   INT8/INT4 weights stored int8, an INT32 bias added to the int32 accumulator;
 * requantization is the spec's dyadic rounding ``round_half_to_even(q * m / 2**e)``, spelled by
   ``ptq.intexec.requant`` for the range of ``q`` that can still change the result (past it every
-  channel saturates); after ShiftGELU's table it folds into the table;
+  channel saturates); after ShiftGELU's table it folds into the table. An INT8 result also comes
+  as its uint8 twin (``+ 128``, :meth:`OnnxGraph.u8_twin`), which ``MatMulInteger`` reads;
 * the kernels come from ``ptq.intexec.kernels``.
 
 Every value is named after the tensor the simulation's range audit records (quantizer names,
@@ -24,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper
 from torch import Tensor
 
@@ -36,16 +36,6 @@ from ptq.quant.symbolic import Sym
 
 ACC_BITS = 32
 _ELEM = {"float32": TensorProto.FLOAT, "int32": TensorProto.INT32, "int64": TensorProto.INT64}
-
-
-def _ints(t: Tensor) -> np.ndarray:
-    """An integer-valued tensor (any dtype) as an int64 array, checked to hold integers."""
-    t = t.detach().cpu()
-    if t.is_floating_point():
-        if not bool((t == t.round()).all()):
-            raise ValueError("expected integers")
-        t = t.double()
-    return t.to(torch.int64).numpy()
 
 
 def _width(lo: int, hi: int) -> tuple[int, bool]:
@@ -64,6 +54,7 @@ class OnnxGraph:
         self.named: dict[str, Sym] = {}
         self.constants: dict[str, dict[str, Any]] = {}  # role and range of the integer constants (widths report)
         self._tables: dict[str, tuple[np.ndarray, str]] = {}  # value -> (table, index) of a table Gather's output
+        self._u8: dict[str, str] = {}  # 8-bit activation -> its uint8 twin (value + 128), made where it is cheap
 
     # -- values ----------------------------------------------------------------------------------
     def input(self, name: str, shape: tuple[int, ...]) -> Sym:
@@ -96,23 +87,10 @@ class OnnxGraph:
     def node(self, op: str, inputs: list[Any], shape: tuple[int, ...], dtype: str, lo: int, hi: int,
              **attrs: Any) -> Sym:
         x: Sym = inputs[0]
-        em = self.em
-        em.scope = f"shape:{x.name}"
-        if op == "Reshape":
-            out = em.op("Reshape", [x.name, em.const(list(attrs["target"]))])
-        elif op == "Transpose":
-            out = em.op("Transpose", [x.name], perm=list(attrs["perm"]))
-        elif op == "Slice":
-            out = em.op("Slice", [x.name, em.const([attrs["start"]]), em.const([attrs["stop"]]),
-                                  em.const([attrs["axis"]])])
-        elif op == "Gather":
-            out = em.op("Gather", [x.name, em.const(attrs["index"])], axis=attrs["axis"])
-        elif op == "Pad":
-            out = em.op("Pad", [x.name, em.const(list(attrs["pads"]))])
-        elif op == "Cast":
-            out = em.op("Cast", [x.name], to=_ELEM[attrs["to"]])
-        else:
-            raise ValueError(f"no ONNX lowering for {op}")
+        self.em.scope = f"shape:{x.name}"
+        out = self.em.shape_op(op, x.name, {"to": _ELEM[attrs["to"]]} if op == "Cast" else attrs)
+        if x.name in self._u8 and op in ("Reshape", "Transpose", "Slice", "Gather"):  # moves values only
+            self._u8[out] = self.em.shape_op(op, self._u8[x.name], attrs)
         return Sym(self, out, shape, dtype, lo, hi)
 
     # -- integer operations ---------------------------------------------------------------------
@@ -138,7 +116,7 @@ class OnnxGraph:
         """
         self.em.scope = f"requant:{name}"
         em = self.em
-        m64, e64 = rq.normalise(_ints(m), _ints(e), name)
+        m64, e64 = rq.normalise(rq.as_ints(m), rq.as_ints(e), name)
         if clamp and m64.size == 1 and x.name in self._tables:
             return self._requantized_table(x, m, e, lo, hi, name)
         src, src_dt, bound = x.name, x.dtype, x.bound
@@ -150,12 +128,22 @@ class OnnxGraph:
                 src_np = np.int32 if src_dt == "int32" else np.int64
                 src = em.op("Clip", [src, em.const(src_np(-sat), src_np), em.const(src_np(sat), src_np)])
                 bound = sat
-        y, dt = rq.spell(em, src, src_dt, bound, m64, e64, name)
+        k_u8 = rq.shifted_offset(bound, m64, e64) if clamp and -128 <= lo and hi <= 127 else None
+        if k_u8 is not None:  # the floor, then the value and its uint8 twin from it
+            k = np.array(k_u8, dtype=np.int64)
+            fl = rq.offset_floor(em, src, m64, e64, k)
+            twin = em.op("Cast", [em.op("Clip", [fl, em.const(np.uint64(k_u8 + lo), np.uint64),
+                                                 em.const(np.uint64(k_u8 + hi), np.uint64)])], to=TensorProto.UINT8)
+            y, dt = rq.unoffset(em, fl, k)
+        else:
+            y, dt = rq.spell(em, src, src_dt, bound, m64, e64, name)
         if clamp:
             if dt == "int32":
                 y = em.op("Clip", [y, em.const(lo, np.int32), em.const(hi, np.int32)], out=name)
             else:
                 y = em.op("Cast", [em.op("Clip", [y, em.const(lo), em.const(hi)])], out=name, to=I32)
+            if k_u8 is not None:
+                self._u8[y] = twin
             bits, signed = _width(lo, hi)
             return self._out(y, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
         y = em.op("Identity", [y], out=name)
@@ -180,6 +168,8 @@ class OnnxGraph:
         folded = kernels.evaluate(spell, table.reshape(1, -1)).reshape(-1)
         self.em.scope = f"requant:{name}"
         y = self.em.op("Gather", [self.em.const(folded, np.int32, hint="requant_table"), idx], out=name)
+        if -128 <= lo and hi <= 127:  # a second table holds the uint8 operand of the next MatMulInteger
+            self._u8[y] = self.em.op("Gather", [self.em.const(folded + 128, np.uint8, hint="requant_table_u8"), idx])
         bits, signed = _width(lo, hi)
         return self._out(y, x.shape, "int32", lo, hi, kind="activation", bits=bits, signed=signed)
 
@@ -194,15 +184,15 @@ class OnnxGraph:
         ``|a| + |b|`` provably fits (the operands' bounds), else in int64.
         """
         top = max(-lo, hi)
-        bound_a = rq.result_bound(a.bound, *rq.normalise(_ints(ra[0]), _ints(ra[1]), name + ".a"))
+        bound_a = rq.result_bound(a.bound, *rq.normalise(rq.as_ints(ra[0]), rq.as_ints(ra[1]), name + ".a"))
         if isinstance(b, Sym):
             if rb is None:
                 raise ValueError(f"{name}: an integer operand needs its requantization ratio")
-            bound_b = rq.result_bound(b.bound, *rq.normalise(_ints(rb[0]), _ints(rb[1]), name + ".b"))
+            bound_b = rq.result_bound(b.bound, *rq.normalise(rq.as_ints(rb[0]), rq.as_ints(rb[1]), name + ".b"))
             qb: Sym | None = self.requantize(b, *rb, lo, hi, False, name + ".b", saturate=top + bound_a)
             bi = None
         else:
-            qb, bi = None, _ints(b)
+            qb, bi = None, rq.as_ints(b)
             bound_b = int(np.abs(bi).max())
         qa = self.requantize(a, *ra, lo, hi, False, name + ".a", saturate=top + bound_b)
         self.em.scope = f"residual:{name}"
@@ -236,9 +226,17 @@ class OnnxGraph:
         if not first and -64 <= x.lo and x.hi <= 64:
             return em.op("Cast", [x.name], to=TensorProto.INT8), ""
         if -128 <= x.lo and x.hi <= 127:  # uint8 = x + 128, zero point 128
+            if self.u8_twin(x) is not None:  # made by the requantization (or the table) that produced x
+                return self._u8[x.name], em.const(np.uint8(128), np.uint8, hint="zp")
             shifted = em.op("Add", [self._cast(x, I32), em.const(128, np.int32)])
             return em.op("Cast", [shifted], to=TensorProto.UINT8), em.const(np.uint8(128), np.uint8, hint="zp")
         return None
+
+    def u8_twin(self, x: Sym) -> str | None:
+        """The uint8 twin of an 8-bit activation (``x + 128``, zero point 128) where its requantization
+        made one: ``MatMulInteger`` reads it, and ``x``'s own int32 nodes stay only where something
+        else does (a debug export)."""
+        return self._u8.get(x.name)
 
     def _matmul(self, a: Sym, b: Sym | np.ndarray, k: int, b_abs: int) -> tuple[str, int, str]:
         """Integer ``a @ b`` (``b`` an activation or an integer weight array [K, N]); (name, bound, dtype)."""
@@ -258,7 +256,7 @@ class OnnxGraph:
     def linear(self, x: Sym, w: Tensor, b: Tensor | None, name: str, kind: str) -> Sym:
         """``x @ W^T + b`` into an INT32 accumulator (int64 only if the bound could pass 2**31)."""
         self.em.scope = f"gemm:{name}"
-        wi = _ints(w)
+        wi = rq.as_ints(w)
         if wi.min() < -128 or wi.max() > 127:
             raise ValueError(f"{name}: weights are not 8-bit integers")
         wname = name.removesuffix(".acc") + ".weight"
@@ -266,7 +264,7 @@ class OnnxGraph:
         k = wi.shape[1]
         acc, bound, dt = self._matmul(x, np.ascontiguousarray(wi.T), k, int(np.abs(wi).max()))
         if b is not None:
-            bi = _ints(b)
+            bi = rq.as_ints(b)
             bound += int(np.abs(bi).max())
             if dt == "int32" and bound >= 2**31:
                 acc, dt = self._cast(acc, I64), "int64"
@@ -338,7 +336,7 @@ class OnnxGraph:
 
     def layernorm(self, x: Sym, b: Tensor, name: str) -> Sym:
         self.em.scope = f"layernorm:{name}"
-        bi = _ints(b)
+        bi = rq.as_ints(b)
         self.constants[name + ".bias"] = {"role": "layernorm_bias", "dtype": "int64", "min": int(bi.min()),
                                           "max": int(bi.max())}
         y = kernels.layernorm(self.em, self._cast(x, I64), x.shape[-1], bi, name)
@@ -355,7 +353,8 @@ class OnnxGraph:
     # -- the model ------------------------------------------------------------------------------
     def _live(self, nodes: list[onnx.NodeProto], needed: list[str]) -> list[onnx.NodeProto]:
         """The nodes that ``needed`` values depend on, in order; named values no node produces any
-        more (a table Gather's output folded into the next one) leave :attr:`values` too."""
+        more (a table Gather's output folded into the next one) leave :attr:`values` too, unless
+        their uint8 twin carries them (an activation only ``MatMulInteger`` reads)."""
         want, keep = set(needed), []
         for node in reversed(nodes):
             if any(o in want for o in node.output):
@@ -363,7 +362,7 @@ class OnnxGraph:
                 want.update(node.input)
         keep.reverse()
         produced = {o for n in keep for o in n.output}
-        for name in [v for v in self.values if v not in produced]:
+        for name in [v for v in self.values if v not in produced and self._u8.get(v) not in produced]:
             del self.values[name]
             self.named.pop(name, None)
         return keep

@@ -68,6 +68,23 @@ class Emitter:
                                            **attrs))
         return name
 
+    def shape_op(self, op: str, x: str, attrs: dict[str, Any]) -> str:
+        """A shape operation (Reshape, Transpose, Slice, Gather, Pad, Cast) on ``x``, as ``ptq.quant.symbolic`` names it."""
+        em = self
+        if op == "Reshape":
+            return em.op("Reshape", [x, em.const(list(attrs["target"]))])
+        if op == "Transpose":
+            return em.op("Transpose", [x], perm=list(attrs["perm"]))
+        if op == "Slice":
+            return em.op("Slice", [x, em.const([attrs["start"]]), em.const([attrs["stop"]]), em.const([attrs["axis"]])])
+        if op == "Gather":
+            return em.op("Gather", [x, em.const(attrs["index"])], axis=attrs["axis"])
+        if op == "Pad":
+            return em.op("Pad", [x, em.const(list(attrs["pads"]))])
+        if op == "Cast":
+            return em.op("Cast", [x], to=attrs["to"])
+        raise ValueError(f"no ONNX lowering for {op}")
+
     # -- integer arithmetic helpers ------------------------------------------------------------
     def floor_shift(self, x: str, k: Any) -> str:
         """``floor(x / 2**k)`` of int64 ``x`` (``|x| < 2**62``) of any sign; ``k`` an int or per-channel array in [0, 62].

@@ -14,10 +14,22 @@ Each is checked against ``ptq.quant.requant.apply_dyadic`` in ``tests/test_onnx_
 from __future__ import annotations
 
 import numpy as np
+import torch
 from onnx import TensorProto
+from torch import Tensor
 
 from ptq.intexec.kernels import I32, I64, Emitter
 from ptq.quant.qtensor import INT32_MAX
+
+
+def as_ints(t: Tensor) -> np.ndarray:
+    """An integer-valued tensor (any dtype) as an int64 array, checked to hold integers."""
+    t = t.detach().cpu()
+    if t.is_floating_point():
+        if not bool((t == t.round()).all()):
+            raise ValueError("expected integers")
+        t = t.double()
+    return t.to(torch.int64).numpy()
 
 
 def shape_k(k: np.ndarray) -> np.ndarray:
@@ -62,6 +74,12 @@ def result_bound(bound: int, m64: np.ndarray, e64: np.ndarray) -> int:
     return max(-(-bound * abs(int(v)) // (1 << int(k))) for v, k in zip(m64, e64, strict=True)) + 1
 
 
+def _fits(bound: int, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> bool:
+    """Whether ``q * m + 2**(e-1) + K * 2**e < 2**64`` for every ``|q| <= bound``, every channel."""
+    return all(bound * abs(int(v)) + (1 << (int(k) - 1)) + int(c) * (1 << int(k)) < 1 << 64
+               for v, k, c in zip(m64, e64, np.broadcast_to(k_off, m64.shape), strict=True))
+
+
 def offset(bound: int, m64: np.ndarray, e64: np.ndarray) -> np.ndarray | None:
     """Per-channel ``K`` for :func:`offset_requant` on ``|q| <= bound``, or None where that
     spelling is not exact.
@@ -69,34 +87,57 @@ def offset(bound: int, m64: np.ndarray, e64: np.ndarray) -> np.ndarray | None:
     Exact when, in every channel, (1) no ``q`` is a tie: with ``|m| = m' * 2**z`` (``m'`` odd) a tie
     needs ``q`` an odd multiple of ``2**(e - z - 1)``, impossible for ``bound < 2**(e - z - 1)``;
     (2) ``q * m + 2**(e-1) + K * 2**e`` lies in ``[0, 2**64)`` for every ``|q| <= bound``, with
-    ``K = ceil(bound * |m| / 2**e)``.
+    ``K = ceil(bound * |m| / 2**e)`` (any larger ``K`` that keeps (2) does as well).
     """
     ks = []
     for v, k in zip((abs(int(v)) for v in m64), (int(k) for k in e64), strict=True):
         z = (v & -v).bit_length() - 1 if v else k
         if v and k > z and bound >= 1 << (k - z - 1):
             return None
-        k_off = max(1, -(-bound * v // (1 << k)))
-        if bound * v + (1 << (k - 1)) + k_off * (1 << k) >= 1 << 64:
-            return None
-        ks.append(k_off)
-    return np.array(ks, dtype=np.int64)
+        ks.append(max(1, -(-bound * v // (1 << k))))
+    k_off = np.array(ks, dtype=np.int64)
+    return k_off if _fits(bound, m64, e64, k_off) else None
 
 
-def offset_requant(em: Emitter, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> tuple[str, str]:
-    """``round(q * m / 2**e)`` as ``floor((q * m + 2**(e-1) + K * 2**e) / 2**e) - K`` (see :func:`offset`).
+def shifted_offset(bound: int, m64: np.ndarray, e64: np.ndarray) -> int | None:
+    """One ``K`` for every channel with ``K = 128 (mod 256)``, or None (see :func:`offset`).
+
+    Then ``floor(...)`` of :func:`offset_floor` is ``v + K`` (``v`` the requantized value), so
+    clipped to ``[K + lo, K + hi]`` and cast to uint8 (modulo 256) it is ``v + 128``: the uint8
+    operand ``MatMulInteger`` takes with zero point 128, two passes after the shift.
+    """
+    k_off = offset(bound, m64, e64)
+    if k_off is None:
+        return None
+    k = int(k_off.max())
+    k += (128 - k) % 256
+    return k if _fits(bound, m64, e64, np.array(k)) else None
+
+
+def offset_floor(em: Emitter, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> str:
+    """``floor((q * m + 2**(e-1) + K * 2**e) / 2**e)`` in uint64: ``round(q * m / 2**e) + K`` (see :func:`offset`).
 
     ``q * m`` is formed modulo 2**64 (q cast to uint64 is its two's complement); the offset makes
     the true numerator non-negative and below 2**64, so the modular sum is the numerator itself
     and its logical right shift is the floor. Half up equals half to even because no tie occurs.
-    Returns the value and its dtype (int32 when ``2K + 2 < 2**31``).
     """
     mu = em.const(shape_k(m64).astype(np.uint64), np.uint64, hint="mult")
-    offs = [(1 << (int(k) - 1)) + int(c) * (1 << int(k)) for k, c in zip(e64, k_off, strict=True)]
+    k_b = np.broadcast_to(k_off, m64.shape)
+    offs = [(1 << (int(k) - 1)) + int(c) * (1 << int(k)) for k, c in zip(e64, k_b, strict=True)]
     cu = em.const(shape_k(np.array(offs, dtype=np.uint64)), np.uint64, hint="round_off")
     ku = em.const(shape_k(e64).astype(np.uint64), np.uint64, hint="k")
-    fl = em.op("BitShift", [em.op("Add", [em.op("Mul", [em.op("Cast", [q], to=TensorProto.UINT64), mu]), cu]), ku],
-               direction="RIGHT")
+    return em.op("BitShift", [em.op("Add", [em.op("Mul", [em.op("Cast", [q], to=TensorProto.UINT64), mu]), cu]),
+                              ku], direction="RIGHT")
+
+
+def offset_requant(em: Emitter, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> tuple[str, str]:
+    """``round(q * m / 2**e)`` as :func:`offset_floor` ``- K``: the value and its dtype (int32 when
+    ``2K + 2 < 2**31``)."""
+    return unoffset(em, offset_floor(em, q, m64, e64, k_off), k_off)
+
+
+def unoffset(em: Emitter, fl: str, k_off: np.ndarray) -> tuple[str, str]:
+    """:func:`offset_floor`'s result minus ``K``: the value and its dtype (int32 when ``2K + 2 < 2**31``)."""
     if 2 * int(k_off.max()) + 2 < 2**31:
         return em.op("Sub", [em.op("Cast", [fl], to=I32), em.const(shape_k(k_off), np.int32)]), "int32"
     return em.op("Sub", [em.op("Cast", [fl], to=I64), em.const(shape_k(k_off))]), "int64"
