@@ -70,6 +70,42 @@ def test_layernorm_matches_the_ptq_kernel_including_zero_variance_rows(c: int) -
     np.testing.assert_array_equal(got, want.numpy())
 
 
+@pytest.mark.parametrize("gammas", ["typical", "near_zero"])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("c", [37, 768])
+def test_layernorm_halving_and_bias_fold_into_the_int8_requantization(c: int, per_channel: bool, gammas: str) -> None:
+    """I-LayerNorm then its INT8 requantization, folded (``floor(d*f/2) + b`` never formed): the value
+    and its uint8 twin against ``ivit.int_layernorm`` + ``requant.apply_dyadic``. Gammas around 1 with a
+    negative and a zero one take the fold; gammas near zero (huge biases) may not, and stay exact."""
+    x = _rows(-32768, 32767, c, seed=3)
+    gen = torch.Generator().manual_seed(c + 1)
+    gamma = torch.rand(c, generator=gen) * (2 if gammas == "near_zero" else 1) - 0.5
+    gamma[1:] += 1.0 if gammas == "typical" else 0.0
+    gamma[0], gamma[2] = 0.0 if per_channel else 0.3, -0.7  # per tensor, a zero gamma's bias would always saturate
+    beta = torch.randn(c, generator=gen)
+    b, s_ln = ivit.layernorm_bias(gamma, beta, c)
+    s_out = torch.tensor(0.02)
+    m, e = requant.multiplier(s_ln if per_channel else s_ln.abs().max(), s_out)
+    y, _ = ivit.int_layernorm(torch.from_numpy(x), 1.0, gamma, beta)
+    want = requant.apply_dyadic(y, m, e, -128, 127, True).numpy()
+    g = OnnxGraph()
+    deps: list[str] = []
+
+    def build(em: kernels.Emitter, v: str, twin: bool) -> str:
+        g.em = em
+        ln = g.layernorm(Sym(g, em.op("Cast", [v], to=TensorProto.INT32), x.shape, "int32", -32768, 32767), b, "ln")
+        q = g.requantize(ln, m, e, -128, 127, True, "q")
+        out = g.u8_twin(q) if twin else q.name
+        deps.extend(_inputs_of(em.nodes, out, names=True))
+        return em.op("Cast", [out], to=TensorProto.INT64)
+
+    np.testing.assert_array_equal(_run(lambda em, v: build(em, v, False), x), want)
+    assert ("ln" not in deps) == (gammas == "typical")  # the value does not read the LayerNorm's output
+    if gammas == "typical":
+        np.testing.assert_array_equal(_run(lambda em, v: build(em, v, True), x), want + 128)
+        assert "ln" not in deps
+
+
 def test_log2_probs_matches_on_every_shiftmax_value() -> None:
     p = np.arange(0, 2**15 + 1, dtype=np.int64)
     got = _run(lambda em, v: kernels.log2_probs(em, v, "l"), p)
@@ -102,12 +138,12 @@ def test_requantize_matches_the_dyadic_requantizer(wide: bool, clamp: bool) -> N
         np.testing.assert_array_equal(_run(build, q), want.numpy())
 
 
-def _inputs_of(nodes: list, out: str) -> list[str]:
-    """Op types of the nodes ``out`` depends on."""
+def _inputs_of(nodes: list, out: str, names: bool = False) -> list[str]:
+    """Op types (or output names) of the nodes ``out`` depends on."""
     want, ops = {out}, []
     for node in reversed(nodes):
         if any(o in want for o in node.output):
-            ops.append(node.op_type)
+            ops.extend(node.output if names else [node.op_type])
             want.update(node.input)
     return ops
 

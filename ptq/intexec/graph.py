@@ -55,6 +55,7 @@ class OnnxGraph:
         self.constants: dict[str, dict[str, Any]] = {}  # role and range of the integer constants (widths report)
         self._tables: dict[str, tuple[np.ndarray, str]] = {}  # value -> (table, index) of a table Gather's output
         self._u8: dict[str, str] = {}  # 8-bit activation -> its uint8 twin (value + 128), made where it is cheap
+        self._halved: dict[str, tuple[str, np.ndarray, int]] = {}  # I-LayerNorm output -> (d * f, bias, bound)
 
     # -- values ----------------------------------------------------------------------------------
     def input(self, name: str, shape: tuple[int, ...]) -> Sym:
@@ -128,12 +129,15 @@ class OnnxGraph:
                 src_np = np.int32 if src_dt == "int32" else np.int64
                 src = em.op("Clip", [src, em.const(src_np(-sat), src_np), em.const(src_np(sat), src_np)])
                 bound = sat
-        k_u8 = rq.shifted_offset(bound, m64, e64) if clamp and -128 <= lo and hi <= 127 else None
+        m64, e64 = rq.quiet(bound, m64, e64) if x.name not in self._halved else (m64, e64)
+        to_u8 = clamp and -128 <= lo and hi <= 127
+        ln = self._halved.get(x.name) if to_u8 else None
+        fold = rq.halved_offset(ln[2], ln[1], m64, e64, max(-lo, hi)) if ln else None  # I-LayerNorm's halving, bias
+        k_u8 = fold[1] if fold else rq.shifted_offset(bound, m64, e64) if to_u8 else None
         if k_u8 is not None:  # the floor, then the value and its uint8 twin from it
             k = np.array(k_u8, dtype=np.int64)
-            fl = rq.offset_floor(em, src, m64, e64, k)
-            twin = em.op("Cast", [em.op("Clip", [fl, em.const(np.uint64(k_u8 + lo), np.uint64),
-                                                 em.const(np.uint64(k_u8 + hi), np.uint64)])], to=TensorProto.UINT8)
+            fl = rq.halved_floor(em, ln[0], ln[1], *fold) if fold else rq.offset_floor(em, src, m64, e64, k)
+            twin = rq.u8_of_floor(em, fl, k_u8, lo, hi)
             y, dt = rq.unoffset(em, fl, k)
         else:
             y, dt = rq.spell(em, src, src_dt, bound, m64, e64, name)
@@ -339,9 +343,13 @@ class OnnxGraph:
         bi = rq.as_ints(b)
         self.constants[name + ".bias"] = {"role": "layernorm_bias", "dtype": "int64", "min": int(bi.min()),
                                           "max": int(bi.max())}
-        y = kernels.layernorm(self.em, self._cast(x, I64), x.shape[-1], bi, name)
+        em = self.em
+        df = kernels.layernorm_scaled(em, self._cast(x, I64), x.shape[-1])
+        y = em.op("Add", [em.floor_shift(df, 1), em.const(bi, hint="ln_bias")], out=name)
         # |d| <= 2 * |q|, f <= INT32_MAX // 2**6 (k >= 2**6 after the first Newton step from 2**16)
-        bound = (2 * x.bound + 1) * (INT32_MAX // 2**6) // 2 + 1 + int(np.abs(bi).max())
+        df_bound = (2 * x.bound + 1) * (INT32_MAX // 2**6)
+        self._halved[y] = (df, bi, df_bound)  # an INT8 requantization next folds floor(df / 2) + b into it
+        bound = df_bound // 2 + 1 + int(np.abs(bi).max())
         return self._out(y, x.shape, "int64", -bound, bound, kind="layernorm", bits=ACC_BITS, signed=True)
 
     def dequantize(self, x: Sym, s: Tensor) -> Sym:

@@ -232,6 +232,12 @@ NEWTON_STEPS = 10
 
 def layernorm(em: Emitter, q: str, channels: int, b: Any, out: str) -> str:
     """Spec ``int_layernorm`` steps 1-5 plus the layer's integer bias term ``b`` (int64 per channel)."""
+    y = em.floor_shift(layernorm_scaled(em, q, channels), 1)
+    return em.op("Add", [y, em.const(np.asarray(b, dtype=np.int64), hint="ln_bias")], out=out)
+
+
+def layernorm_scaled(em: Emitter, q: str, channels: int) -> str:
+    """Spec ``int_layernorm`` up to ``d * f`` (int64), before its halving ``floor(d * f / 2)``."""
     c = em.const(channels)
     tot = em.reduce("ReduceSum", q)
     r = em.op("Mod", [tot, c], fmod=0)  # in [0, C)
@@ -244,5 +250,4 @@ def layernorm(em: Emitter, q: str, channels: int, b: Any, out: str) -> str:
     for _ in range(NEWTON_STEPS):  # unrolled integer square root; k >= 1 throughout
         k = em.op("Div", [em.op("Add", [k, em.op("Div", [var, k])]), em.const(2)])
     f = em.op("Div", [em.const(INT32_MAX), k])
-    y = em.floor_shift(em.op("Mul", [d, f]), 1)
-    return em.op("Add", [y, em.const(np.asarray(b, dtype=np.int64), hint="ln_bias")], out=out)
+    return em.op("Mul", [d, f])

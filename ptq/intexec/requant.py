@@ -136,6 +136,62 @@ def offset_requant(em: Emitter, q: str, m64: np.ndarray, e64: np.ndarray, k_off:
     return unoffset(em, offset_floor(em, q, m64, e64, k_off), k_off)
 
 
+def halved_offset(df_bound: int, b: np.ndarray, m64: np.ndarray, e64: np.ndarray,
+                  top: int) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+    """``(X, K, m, e)`` for :func:`halved_floor` on ``y = floor(df / 2) + b`` (I-LayerNorm's output,
+    ``|df| <= df_bound``) clamped to ``|.| <= top``, or None where the offset spelling is not exact.
+
+    Channels whose result is 0 over their whole range (a zero gamma: tiny ratio, huge ``b``) are
+    :func:`quiet` first, so their ``b`` bounds nothing. Then ``df`` clipped to ``[-X, X]`` with
+    ``X = 2 * (P + max|b|) + 2`` (``P``: :func:`saturating_bound`, ``b`` of the other channels) changes
+    no clamped result: past ``X``, ``|y| > P`` with ``df``'s sign either way. ``K`` is
+    :func:`shifted_offset`'s for the ``|y|`` that remain.
+    """
+    m64, e64 = quiet(df_bound // 2 + np.abs(b) + 1, m64, e64)
+    big_b = int(np.abs(b[np.broadcast_to(m64, b.shape) != 0]).max(initial=0))
+    x = min(2 * (saturating_bound(m64, e64, top) + big_b) + 2, df_bound)
+    m64, e64 = quiet(x // 2 + big_b + 1, m64, e64)
+    k = shifted_offset(x // 2 + big_b + 1, m64, e64)
+    return None if k is None else (x, k, m64, e64)
+
+
+def quiet(bound: int | np.ndarray, m64: np.ndarray, e64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(m, e)`` with each channel whose result is 0 for every ``|q| <= bound`` (per channel allowed;
+    ``bound * |m| < 2**(e-1)``, e.g. a zero LayerNorm gamma) written ``(0, 1)``: the same integers, and
+    no ``2**e`` beyond 64 bits. Per-tensor ``(m, e)`` with a per-channel bound become per channel."""
+    bound = np.broadcast_to(np.asarray(bound, dtype=object), np.broadcast_shapes(np.shape(bound), m64.shape))
+    m_b, e_b = np.broadcast_to(m64, bound.shape), np.broadcast_to(e64, bound.shape)
+    zero = np.array([int(q) * abs(int(v)) < 1 << (int(k) - 1) for q, v, k in zip(bound, m_b, e_b, strict=True)],
+                    dtype=bool)
+    if not zero.any():
+        return m64, e64
+    return np.where(zero, 0, m_b).astype(np.int64), np.where(zero, 1, e_b).astype(np.int64)
+
+
+def halved_floor(em: Emitter, df: str, b: np.ndarray, x: int, k: int, m64: np.ndarray, e64: np.ndarray) -> str:
+    """:func:`offset_floor` of ``y = floor(df / 2) + b`` (``K = k``) from ``df`` itself (see :func:`halved_offset`).
+
+    ``T = (clip(df, -X, X) + 2**62) >> 1`` is ``floor(df / 2) + 2**61``, so ``y * m + 2**(e-1) + K * 2**e``
+    is ``T * m + (b * m - 2**61 * m + 2**(e-1) + K * 2**e)`` modulo 2**64: one per-channel constant.
+    """
+    src = em.op("Clip", [df, em.const(-x), em.const(x)])
+    t = em.op("BitShift", [em.op("Cast", [em.op("Add", [src, em.const(np.int64(1) << 62, hint="off62")])],
+                                 to=TensorProto.UINT64), em.const(np.uint64(1), np.uint64)], direction="RIGHT")
+    m_b, e_b = np.broadcast_to(m64, b.shape), np.broadcast_to(e64, b.shape)
+    consts = [(int(bc) * int(mc) - (int(mc) << 61) + (1 << (int(ec) - 1)) + k * (1 << int(ec))) % (1 << 64)
+              for bc, mc, ec in zip(b, m_b, e_b, strict=True)]
+    mu = em.const(shape_k(m64).astype(np.uint64), np.uint64, hint="mult")
+    cu = em.const(np.array(consts, dtype=np.uint64), np.uint64, hint="round_off")
+    return em.op("BitShift", [em.op("Add", [em.op("Mul", [t, mu]), cu]),
+                              em.const(shape_k(e64).astype(np.uint64), np.uint64, hint="k")], direction="RIGHT")
+
+
+def u8_of_floor(em: Emitter, fl: str, k: int, lo: int, hi: int) -> str:
+    """``clamp(v, lo, hi) + 128`` as uint8 from ``fl = v + K`` with ``K = 128 (mod 256)`` (:func:`shifted_offset`)."""
+    clip = em.op("Clip", [fl, em.const(np.uint64(k + lo), np.uint64), em.const(np.uint64(k + hi), np.uint64)])
+    return em.op("Cast", [clip], to=TensorProto.UINT8)
+
+
 def unoffset(em: Emitter, fl: str, k_off: np.ndarray) -> tuple[str, str]:
     """:func:`offset_floor`'s result minus ``K``: the value and its dtype (int32 when ``2K + 2 < 2**31``)."""
     if 2 * int(k_off.max()) + 2 < 2**31:
