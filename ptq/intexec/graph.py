@@ -129,10 +129,11 @@ class OnnxGraph:
                 src_np = np.int32 if src_dt == "int32" else np.int64
                 src = em.op("Clip", [src, em.const(src_np(-sat), src_np), em.const(src_np(sat), src_np)])
                 bound = sat
-        m64, e64 = rq.quiet(bound, m64, e64) if x.name not in self._halved else (m64, e64)
         to_u8 = clamp and -128 <= lo and hi <= 127
         ln = self._halved.get(x.name) if to_u8 else None
         fold = rq.halved_offset(ln[2], ln[1], m64, e64, max(-lo, hi)) if ln else None  # I-LayerNorm's halving, bias
+        if fold is None:
+            m64, e64 = rq.quiet(bound, m64, e64)
         k_u8 = fold[1] if fold else rq.shifted_offset(bound, m64, e64) if to_u8 else None
         if k_u8 is not None:  # the floor, then the value and its uint8 twin from it
             k = np.array(k_u8, dtype=np.int64)

@@ -157,15 +157,17 @@ def halved_offset(df_bound: int, b: np.ndarray, m64: np.ndarray, e64: np.ndarray
 
 def quiet(bound: int | np.ndarray, m64: np.ndarray, e64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(m, e)`` with each channel whose result is 0 for every ``|q| <= bound`` (per channel allowed;
-    ``bound * |m| < 2**(e-1)``, e.g. a zero LayerNorm gamma) written ``(0, 1)``: the same integers, and
-    no ``2**e`` beyond 64 bits. Per-tensor ``(m, e)`` with a per-channel bound become per channel."""
+    ``bound * |m| < 2**(e-1)``, e.g. a zero LayerNorm gamma) written ``m = 0`` with the other channels'
+    least ``e`` (31 if none): the same integers, and no ``2**e`` that only such a channel pushes past
+    64 bits. Per-tensor ``(m, e)`` with a per-channel bound become per channel."""
     bound = np.broadcast_to(np.asarray(bound, dtype=object), np.broadcast_shapes(np.shape(bound), m64.shape))
     m_b, e_b = np.broadcast_to(m64, bound.shape), np.broadcast_to(e64, bound.shape)
     zero = np.array([int(q) * abs(int(v)) < 1 << (int(k) - 1) for q, v, k in zip(bound, m_b, e_b, strict=True)],
                     dtype=bool)
     if not zero.any():
         return m64, e64
-    return np.where(zero, 0, m_b).astype(np.int64), np.where(zero, 1, e_b).astype(np.int64)
+    e_quiet = int(e_b[~zero].min()) if (~zero).any() else 31
+    return np.where(zero, 0, m_b).astype(np.int64), np.where(zero, e_quiet, e_b).astype(np.int64)
 
 
 def halved_floor(em: Emitter, df: str, b: np.ndarray, x: int, k: int, m64: np.ndarray, e64: np.ndarray) -> str:
