@@ -121,18 +121,16 @@ class OnnxGraph:
         if clamp and m64.size == 1 and x.name in self._tables:
             return self._requantized_table(x, m, e, lo, hi, name)
         src, src_dt, bound = x.name, x.dtype, x.bound
-        if clamp:
-            saturate = max(-lo, hi)
-        if saturate is not None:
-            sat = rq.saturating_bound(m64, e64, saturate)
+        to_u8 = clamp and -128 <= lo and hi <= 127
+        ln = self._halved.get(x.name) if to_u8 else None
+        fold = rq.halved_offset(ln[2], ln[1], m64, e64, max(-lo, hi)) if ln else None  # I-LayerNorm's halving, bias
+        saturate = max(-lo, hi) if clamp else saturate
+        if fold is None:  # the fold clips I-LayerNorm's d * f itself
+            sat = rq.saturating_bound(m64, e64, saturate) if saturate is not None else bound
             if sat < bound:  # |q| >= sat clamps to lo / hi in every channel, as q = +-sat does
                 src_np = np.int32 if src_dt == "int32" else np.int64
                 src = em.op("Clip", [src, em.const(src_np(-sat), src_np), em.const(src_np(sat), src_np)])
                 bound = sat
-        to_u8 = clamp and -128 <= lo and hi <= 127
-        ln = self._halved.get(x.name) if to_u8 else None
-        fold = rq.halved_offset(ln[2], ln[1], m64, e64, max(-lo, hi)) if ln else None  # I-LayerNorm's halving, bias
-        if fold is None:
             m64, e64 = rq.quiet(bound, m64, e64)
         k_u8 = fold[1] if fold else rq.shifted_offset(bound, m64, e64) if to_u8 else None
         if k_u8 is not None:  # the floor, then the value and its uint8 twin from it
@@ -231,8 +229,9 @@ class OnnxGraph:
         if not first and -64 <= x.lo and x.hi <= 64:
             return em.op("Cast", [x.name], to=TensorProto.INT8), ""
         if -128 <= x.lo and x.hi <= 127:  # uint8 = x + 128, zero point 128
-            if self.u8_twin(x) is not None:  # made by the requantization (or the table) that produced x
-                return self._u8[x.name], em.const(np.uint8(128), np.uint8, hint="zp")
+            twin = self.u8_twin(x)  # made by the requantization (or the table) that produced x
+            if twin is not None:
+                return twin, em.const(np.uint8(128), np.uint8, hint="zp")
             shifted = em.op("Add", [self._cast(x, I32), em.const(128, np.int32)])
             return em.op("Cast", [shifted], to=TensorProto.UINT8), em.const(np.uint8(128), np.uint8, hint="zp")
         return None
@@ -346,7 +345,7 @@ class OnnxGraph:
                                           "max": int(bi.max())}
         em = self.em
         df = kernels.layernorm_scaled(em, self._cast(x, I64), x.shape[-1])
-        y = em.op("Add", [em.floor_shift(df, 1), em.const(bi, hint="ln_bias")], out=name)
+        y = kernels.layernorm_output(em, df, bi, name)
         # |d| <= 2 * |q|, f <= INT32_MAX // 2**6 (k >= 2**6 after the first Newton step from 2**16)
         df_bound = (2 * x.bound + 1) * (INT32_MAX // 2**6)
         self._halved[y] = (df, bi, df_bound)  # an INT8 requantization next folds floor(df / 2) + b into it

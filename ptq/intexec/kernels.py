@@ -232,8 +232,12 @@ NEWTON_STEPS = 10
 
 def layernorm(em: Emitter, q: str, channels: int, b: Any, out: str) -> str:
     """Spec ``int_layernorm`` steps 1-5 plus the layer's integer bias term ``b`` (int64 per channel)."""
-    y = em.floor_shift(layernorm_scaled(em, q, channels), 1)
-    return em.op("Add", [y, em.const(np.asarray(b, dtype=np.int64), hint="ln_bias")], out=out)
+    return layernorm_output(em, layernorm_scaled(em, q, channels), b, out)
+
+
+def layernorm_output(em: Emitter, df: str, b: Any, out: str) -> str:
+    """``floor(d * f / 2) + b`` from :func:`layernorm_scaled`'s ``d * f``."""
+    return em.op("Add", [em.floor_shift(df, 1), em.const(np.asarray(b, dtype=np.int64), hint="ln_bias")], out=out)
 
 
 def layernorm_scaled(em: Emitter, q: str, channels: int) -> str:

@@ -49,16 +49,18 @@ def normalise(m: np.ndarray, e: np.ndarray, name: str) -> tuple[np.ndarray, np.n
 
 def spell(em: Emitter, q: str, q_dtype: str, bound: int, m64: np.ndarray, e64: np.ndarray,
           name: str) -> tuple[str, str]:
-    """``round_half_to_even(q * m / 2**e)`` for ``|q| <= bound``: the value and its dtype (int32 or int64)."""
+    """``round_half_to_even(q * m / 2**e)`` for ``|q| <= bound``: the value and its dtype (int32 or int64).
+
+    ``(m, e)`` as :func:`quiet` leaves them for ``bound``: a channel that rounds to 0 everywhere has
+    ``m = 0``, so ``e <= 62`` for ``|q| < 2**31`` and ``e - 29 <= 62`` for the two-limb product.
+    """
     k_off = offset(bound, m64, e64)
     if k_off is not None:
         return offset_requant(em, q, m64, e64, k_off)
     if bound < 2**31:  # |q * m| < 2**62: one 64-bit product (two's complement in uint64), a rounding shift
-        zero = e64 >= 63  # |q * m / 2**e| < 1/2: rounds to 0
-        mz, k = np.where(zero, 0, m64), np.minimum(e64, 62)
         u = em.op("Cast", [q], to=TensorProto.UINT64)  # q mod 2**64
-        mc = em.const(shape_k(mz).astype(np.uint64), np.uint64, hint="mult")
-        return em.round_shift_u64(em.op("Mul", [u, mc]), shape_k(k)), "int64"
+        mc = em.const(shape_k(m64).astype(np.uint64), np.uint64, hint="mult")
+        return em.round_shift_u64(em.op("Mul", [u, mc]), shape_k(e64)), "int64"
     q64 = q if q_dtype == "int64" else em.op("Cast", [q], to=I64)
     return limb_requant(em, q64, bound, m64, e64, name), "int64"
 
@@ -121,13 +123,17 @@ def offset_floor(em: Emitter, q: str, m64: np.ndarray, e64: np.ndarray, k_off: n
     the true numerator non-negative and below 2**64, so the modular sum is the numerator itself
     and its logical right shift is the floor. Half up equals half to even because no tie occurs.
     """
-    mu = em.const(shape_k(m64).astype(np.uint64), np.uint64, hint="mult")
     k_b = np.broadcast_to(k_off, m64.shape)
     offs = [(1 << (int(k) - 1)) + int(c) * (1 << int(k)) for k, c in zip(e64, k_b, strict=True)]
-    cu = em.const(shape_k(np.array(offs, dtype=np.uint64)), np.uint64, hint="round_off")
+    return _mul_add_shift(em, em.op("Cast", [q], to=TensorProto.UINT64), m64, e64, shape_k(np.array(offs, dtype=object)))
+
+
+def _mul_add_shift(em: Emitter, u: str, m64: np.ndarray, e64: np.ndarray, c: np.ndarray) -> str:
+    """``(u * m + c) >> e`` in uint64 (``c`` a non-negative int below 2**64 per tensor or channel)."""
+    mu = em.const(shape_k(m64).astype(np.uint64), np.uint64, hint="mult")
+    cu = em.const(np.asarray(c).astype(np.uint64), np.uint64, hint="round_off")
     ku = em.const(shape_k(e64).astype(np.uint64), np.uint64, hint="k")
-    return em.op("BitShift", [em.op("Add", [em.op("Mul", [em.op("Cast", [q], to=TensorProto.UINT64), mu]), cu]),
-                              ku], direction="RIGHT")
+    return em.op("BitShift", [em.op("Add", [em.op("Mul", [u, mu]), cu]), ku], direction="RIGHT")
 
 
 def offset_requant(em: Emitter, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> tuple[str, str]:
@@ -182,10 +188,7 @@ def halved_floor(em: Emitter, df: str, b: np.ndarray, x: int, k: int, m64: np.nd
     m_b, e_b = np.broadcast_to(m64, b.shape), np.broadcast_to(e64, b.shape)
     consts = [(int(bc) * int(mc) - (int(mc) << 61) + (1 << (int(ec) - 1)) + k * (1 << int(ec))) % (1 << 64)
               for bc, mc, ec in zip(b, m_b, e_b, strict=True)]
-    mu = em.const(shape_k(m64).astype(np.uint64), np.uint64, hint="mult")
-    cu = em.const(np.array(consts, dtype=np.uint64), np.uint64, hint="round_off")
-    return em.op("BitShift", [em.op("Add", [em.op("Mul", [t, mu]), cu]),
-                              em.const(shape_k(e64).astype(np.uint64), np.uint64, hint="k")], direction="RIGHT")
+    return _mul_add_shift(em, t, m64, e64, np.array(consts, dtype=object))
 
 
 def u8_of_floor(em: Emitter, fl: str, k: int, lo: int, hi: int) -> str:
@@ -209,8 +212,7 @@ def limb_requant(em: Emitter, q: str, bound: int, m64: np.ndarray, e64: np.ndarr
     """
     if bound > 2**59 or (e64 < 31).any():
         raise ValueError(f"{name}: no exact int64 requantization for |q| <= {bound} with e >= {int(e64.min())}")
-    zero = e64 - 29 >= 63
-    m64, k = np.where(zero, 0, m64), np.minimum(e64 - 29, 62)
+    k = e64 - 29
     mc = em.const(shape_k(m64), hint="mult")
     qh = em.floor_shift(q, 31)
     t = em.op("Mul", [em.op("BitwiseAnd", [q, em.const(INT32_MAX)]), mc])
