@@ -26,7 +26,7 @@ class ModelConfig:
     """Which network is quantized. ``weights_path`` loads a local state dict instead of the default."""
 
     name: str = "tiny_digits"
-    weights: str | None = None  # torchvision weights enum name, e.g. IMAGENET1K_V1
+    weights: str | None = None  # torchvision weights enum name (IMAGENET1K_V1) or a timm pretrained tag (fb_in1k)
     weights_path: str | None = None
     pretrained: bool = True  # False: random init (tests of the ImageNet path)
 
@@ -171,8 +171,21 @@ class Config:
     debug_name: str | None = None
 
 
+#: timm checkpoints ``model=<name>`` loads (``timm.create_model``), ImageNet-1k classifiers.
+TIMM_MODELS: tuple[str, ...] = (
+    "vit_small_patch16_224", "vit_base_patch16_224",
+    "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
+    "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224", "deit_base_distilled_patch16_224",
+)
+
+#: Every ``model.name``, with the data set it is evaluated on (the embedded models: the digits).
+MODELS: dict[str, str] = {
+    "tiny_digits": "digits", "tiny_deit_digits": "digits", "vit_b_16": "imagenet",
+    **dict.fromkeys(TIMM_MODELS, "imagenet"),
+}
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.name": ("tiny_digits", "vit_b_16"),
+    "model.name": tuple(MODELS),
     "data.name": ("digits", "imagenet"),
     "wquant.name": ("none", "absmax", "adaround"),
     "aquant.name": ("none", "movavg", "mse", "percentile"),
@@ -226,6 +239,10 @@ def validate(cfg: Any) -> None:
     extra = unknown_keys(cfg) if hasattr(cfg, "keys") else []
     if extra:
         raise ConfigError(f"unknown config key(s) {', '.join(extra)}; see `python -m ptq.main --help` for the allowed keys")
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name={cfg.model.name!r} is not a supported model; supported: {', '.join(MODELS)}. "
+                          "Pick one with model=<name> (conf/model/), or load your own weights of one of them "
+                          "with model.weights_path=FILE")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -279,10 +296,8 @@ def validate(cfg: Any) -> None:
             "nonlinear=ivit needs integer tensors: use it with an activation quantizer and a weight quantizer "
             f"(got wquant={cfg.wquant.name}, aquant={cfg.aquant.name})"
         )
-    if cfg.model.name == "vit_b_16" and cfg.data.name != "imagenet":
-        raise ConfigError(f"model=vit_b_16 needs data=imagenet (got data={cfg.data.name})")
-    if cfg.model.name == "tiny_digits" and cfg.data.name != "digits":
-        raise ConfigError(f"model=tiny_digits needs data=digits (got data={cfg.data.name})")
+    if MODELS[cfg.model.name] != cfg.data.name:
+        raise ConfigError(f"model={cfg.model.name} needs data={MODELS[cfg.model.name]} (got data={cfg.data.name})")
 
 
 

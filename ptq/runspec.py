@@ -89,10 +89,10 @@ def model_identity(cfg: Any) -> dict[str, Any]:
     ident: dict[str, Any] = {"name": cfg.model.name}
     if cfg.model.weights_path:
         ident["weights_sha"] = file_digest(cfg.model.weights_path)
-    elif cfg.model.name == "tiny_digits":
+    elif cfg.model.name.startswith("tiny_"):
         from ptq.models import tiny
 
-        ident["weights_sha"] = file_digest(tiny.DEFAULT_WEIGHTS)
+        ident["weights_sha"] = file_digest(tiny.EMBEDDED[cfg.model.name].weights)
     else:
         ident["weights"] = cfg.model.weights if cfg.model.pretrained else f"random-seed{cfg.seed}"
     return ident

@@ -1,8 +1,9 @@
-"""Full-size ViT-B/16 through the whole pipeline on the CPU: a randomly initialised vit_b_16 on a
+"""Full-size models through the whole pipeline on the CPU: a randomly initialised vit_b_16 (or
+``--model`` any ImageNet model of ``ptq.config.MODELS``, e.g. timm's deit_small_patch16_224) on a
 generated 224x224 ImageFolder, AdaRound (block) W4A8 with the integer backend, export and verify.
 
-    python scripts/fullsize_check.py --work /tmp/fullsize [--images 64] [--iters 5] [--out report.json]
-        [--readme README.md]
+    python scripts/fullsize_check.py --work /tmp/fullsize [--model vit_b_16] [--images 64] [--iters 5]
+        [--out report.json] [--readme README.md] [--block fullsize]
     python scripts/fullsize_check.py --from-json report.json --readme README.md   # the block from a saved run
 
 It runs the real CLI (``python -m ptq.main``) in a subprocess and reports wall time per stage,
@@ -45,9 +46,9 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def command(work: Path, images: int, iters: int) -> list[str]:
+def command(work: Path, images: int, iters: int, model: str = "vit_b_16") -> list[str]:
     """The documented full-size command (README "ViT-B/16 at full size")."""
-    return [sys.executable, "-m", "ptq.main", "model=vit_b_16", "data=imagenet", f"data.root={work / 'data'}",
+    return [sys.executable, "-m", "ptq.main", f"model={model}", "data=imagenet", f"data.root={work / 'data'}",
             "model.pretrained=false", "wquant=adaround", "granularity=block", "wbits=4", "nonlinear=ivit",
             "export=true", f"aquant.calib_images={images}", f"data.eval_images={images}",
             f"adaround.calib_images={images}", f"adaround.iters={iters}", "adaround.batch_size=8",
@@ -55,9 +56,9 @@ def command(work: Path, images: int, iters: int) -> list[str]:
             f"cache_dir={work / 'cache'}", f"hydra.run.dir={work / 'run'}", "tracking.mode=disabled"]
 
 
-def run(work: Path, images: int, iters: int) -> dict:
+def run(work: Path, images: int, iters: int, model: str = "vit_b_16") -> dict:
     make_imagefolder(work / "data", images)
-    cmd = command(work, images, iters)
+    cmd = command(work, images, iters, model)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -65,7 +66,7 @@ def run(work: Path, images: int, iters: int) -> dict:
     run_dir = work / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     report = {
-        "returncode": proc.returncode, "status": metrics.get("status"), "error": metrics.get("error"),
+        "model": model, "returncode": proc.returncode, "status": metrics.get("status"), "error": metrics.get("error"),
         "command": " ".join(["python", *cmd[1:]]).replace(str(work), "$WORK"),
         "images": images, "iters": iters, "wall_s": round(wall, 1), "seconds": metrics.get("seconds", {}),
         "peak_rss_gib": round(peak_kib / 2**20, 2), "cache_mib": round(dir_bytes(work / "cache") / 2**20, 1),
@@ -89,7 +90,8 @@ def run(work: Path, images: int, iters: int) -> dict:
 def markdown(r: dict) -> str:
     s = r["seconds"]
     acc = r.get("largest_accumulator") or {}
-    rows = [("wall, whole command", f"{r['wall_s']:.0f} s"),
+    rows = [("model (random weights)", f"`{r.get('model', 'vit_b_16')}`"),
+            ("wall, whole command", f"{r['wall_s']:.0f} s"),
             *[(f"stage {k}", f"{v:.1f} s") for k, v in s.items()],
             ("peak host RSS", f"{r['peak_rss_gib']:.2f} GiB"),
             ("stage cache on disk", f"{r['cache_mib']:.1f} MiB"),
@@ -108,12 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", type=Path, default=None, help="report of an earlier run (no new run)")
     ap.add_argument("--images", type=int, default=64, help="calibration and eval images each")
     ap.add_argument("--iters", type=int, default=5, help="AdaRound iterations per unit")
+    ap.add_argument("--model", default="vit_b_16", help="an ImageNet model name (model=NAME), random weights")
+    ap.add_argument("--block", default="fullsize", help="README block --readme rewrites (default fullsize)")
     ap.add_argument("--out", type=Path, default=None, help="write the report as JSON")
     ap.add_argument("--readme", type=Path, default=None, help="rewrite this file's fullsize block")
     args = ap.parse_args(argv)
     if (args.work is None) == (args.from_json is None):
         ap.error("give --work DIR (run it) or --from-json FILE (report a saved run)")
-    report = json.loads(args.from_json.read_text()) if args.from_json else run(args.work, args.images, args.iters)
+    report = json.loads(args.from_json.read_text()) if args.from_json else run(args.work, args.images, args.iters,
+                                                                                     args.model)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
         from ptq.table import write_readme_block
 
-        write_readme_block(args.readme, text, "fullsize")
+        write_readme_block(args.readme, text, args.block)
     return 0
 
 

@@ -125,11 +125,8 @@ def test_imagenet_path_checks_inputs_before_loading(compose_cfg, tmp_path: Path)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     cfg = compose_cfg(*base, f"data.root={tmp_path / 'inet'}", f"model.weights_path={bad}")
-    pipeline.check_inputs(cfg)  # exists and is readable; its content fails at load with a clear error
-    from ptq.models.zoo import load_model
-
-    with pytest.raises(ConfigError, match="could not be read"):
-        load_model(cfg)
+    with pytest.raises(ConfigError, match="could not be read"):  # its content is checked before anything runs
+        pipeline.check_inputs(cfg)
 
 
 def test_imagenet_path_runs_on_a_fake_imagefolder(compose_cfg, tmp_path: Path) -> None:

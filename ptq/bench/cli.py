@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from ptq.atomic import replace_block
 from ptq.bench.adaround import bench_adaround
@@ -34,6 +34,7 @@ from ptq.bench.plans import (
 )
 from ptq.bench.report import markdown_table, replace_marked_block, update_readme
 from ptq.bench.timing import machine_info
+from ptq.models.families import describe
 from ptq.runspec import resolve_device
 from ptq.runtime import tune_malloc
 
@@ -74,9 +75,9 @@ def unit_ratios(units: dict[str, Any], backend: str) -> dict[str, float]:
     return {ratio_key(k, backend): max(units[u]["ratio"] for u in us) for k, us in kinds.items()}
 
 
-def _arch(model: VisionTransformer) -> dict[str, int]:
-    return {"image_size": model.image_size, "patch_size": model.patch_size, "num_layers": len(model.encoder.layers),
-            "hidden_dim": model.hidden_dim, "mlp_dim": model.mlp_dim, "num_classes": model.num_classes}
+def _arch(model: nn.Module) -> dict[str, int]:
+    a = describe(model).arch()
+    return {k: a[k] for k in ("image_size", "patch_size", "num_layers", "hidden_dim", "mlp_dim", "num_classes")}
 
 
 def run_bench(models: Sequence[str], quick: bool, device_name: str = "auto",

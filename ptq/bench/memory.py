@@ -13,6 +13,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from ptq.bench.plans import CACHE_IMAGES, Plan
 from ptq.bench.timing import peak_memory
+from ptq.models.families import describe
 from ptq.quant.rounding import install_adaround
 from ptq.quant.vit import QuantSettings, QuantViT
 from ptq.recon.unitcache import FLOAT16_ABOVE_BYTES, capture
@@ -99,9 +100,9 @@ def bench_cache_memory(q: QuantViT, twin: QuantViT, calib: Tensor, plan: Plan,
 
 def cache_report(name: str, model: VisionTransformer, measured: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Analytic and measured cache memory at CACHE_IMAGES images, and the reconstruction stage's host total."""
-    tokens = (model.image_size // model.patch_size) ** 2 + 1
-    ana = cache_bytes_analytic(tokens, model.hidden_dim, CACHE_IMAGES, device.type)
-    images_bytes = CACHE_IMAGES * 3 * model.image_size ** 2 * 4
+    arch = describe(model).arch()
+    ana = cache_bytes_analytic(arch["tokens"], arch["hidden_dim"], CACHE_IMAGES, device.type)
+    images_bytes = CACHE_IMAGES * 3 * arch["image_size"] ** 2 * 4
     report: dict[str, Any] = {"analytic": ana, "measured": measured, "calib_images_bytes": images_bytes}
     if name == "vit_b_16":
         models = model_bytes_vit_b_16()

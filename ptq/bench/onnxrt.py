@@ -31,6 +31,7 @@ from ptq.bench.timing import _median
 from ptq.calib import calibrate
 from ptq.intexec.artefact import THREADS, session
 from ptq.intexec.build import build_onnx
+from ptq.models.families import describe
 from ptq.quant.nonlinear import Backend
 from ptq.quant.vit import QuantSettings, QuantViT
 
@@ -178,7 +179,8 @@ def run_onnx_bench(names: list[str], quick: bool, out_dir: Path | None = None) -
     for name in names:
         batch, repeats, n_calib = ORT_PLANS[(name, quick)]
         model, meta = build_model(name, PLANS[(name, quick)])
-        size = model.image_size
+        arch = describe(model).arch()
+        size = arch["image_size"]
         calib = images_for(name, model, n_calib, "train")
         images = images_for(name, model, batch, "test")
         t0 = time.perf_counter()
@@ -186,7 +188,7 @@ def run_onnx_bench(names: list[str], quick: bool, out_dir: Path | None = None) -
         log.info("%s: exported float and integer models in %.1fs", name, time.perf_counter() - t0)
         res = bench_ort(models, images, batch, repeats)
         res["profile_int_w8a8"] = profile_int(models["int_w8a8"], images, 1)
-        res["model"] = meta | {"name": name, "layers": len(model.encoder.layers), "hidden_dim": model.hidden_dim}
+        res["model"] = meta | {"name": name, "layers": arch["num_layers"], "hidden_dim": arch["hidden_dim"]}
         res["targets"] = {k: v for (m, k), v in ORT_TARGETS.items() if m == name}
         res["targets_met"] = {k: bool(res["ratios"][k] <= v) for k, v in res["targets"].items()}
         result["models"][name] = res

@@ -15,6 +15,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from ptq.atomic import block_markers
 from ptq.calib import calibrate
+from ptq.models.families import describe
 from ptq.quant.vit import QuantSettings, QuantViT
 
 log = logging.getLogger(__name__)
@@ -102,17 +103,18 @@ def build_model(name: str, plan: Plan) -> tuple[VisionTransformer, dict[str, Any
 
 def images_for(name: str, model: VisionTransformer, count: int, split: str = "test") -> Tensor:
     """``count`` input images: augmented digits for the tiny model, standard normal otherwise."""
+    size = describe(model).image_size
     if name == "tiny":
         try:
             from ptq.data.digits import digits_splits
 
-            pool = digits_splits(image_size=model.image_size, seed=0)[split].tensors[0]
+            pool = digits_splits(image_size=size, seed=0)[split].tensors[0]
             reps = math.ceil(count / pool.shape[0])
             return pool.repeat(reps, 1, 1, 1)[:count].clone()
         except Exception as exc:  # the data module is optional for timing
             log.warning("digits data unavailable (%s); random images", exc)
     gen = torch.Generator().manual_seed(1 if split == "test" else 2)
-    return torch.randn(count, 3, model.image_size, model.image_size, generator=gen)
+    return torch.randn(count, 3, size, size, generator=gen)
 
 
 def _batches(images: Tensor, batch: int) -> list[tuple[Tensor, Tensor]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,20 @@ def check_imagenet_root(root: str | None) -> Path:
     return path
 
 
+def eval_transform(name: str) -> Callable[[Any], Any]:
+    """Model ``name``'s own ImageNet eval transform: its torchvision weights' transform, or timm's data
+    config of its pretrained weights (resize, crop, interpolation, mean / std: ``resolve_data_config``)."""
+    if name == "vit_b_16":
+        return ViT_B_16_Weights.IMAGENET1K_V1.transforms()
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    pretrained = get_pretrained_cfg(name)
+    return create_transform(**resolve_data_config({}, pretrained_cfg=pretrained.to_dict() if pretrained else None))
+
+
 def imagenet_splits(cfg: Any) -> tuple[Dataset, Dataset]:
-    """(calibration source, eval split) with the eval transforms of torchvision's ViT-B/16 weights."""
+    """(calibration source, eval split), both with the model's own eval transform (:func:`eval_transform`)."""
     root = check_imagenet_root(cfg.data.root)
-    transform = ViT_B_16_Weights.IMAGENET1K_V1.transforms()
+    transform = eval_transform(cfg.model.name)
     return ImageFolder(str(root / "train"), transform), ImageFolder(str(root / "val"), transform)

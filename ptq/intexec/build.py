@@ -52,7 +52,7 @@ def _check(qmodel: QuantViT) -> None:
 def image_size(qmodel: QuantViT) -> int:
     """Side of the square input image the model was built for."""
     tokens = qmodel.embed.const.shape[1]
-    return math.isqrt(tokens - 1) * qmodel.embed.patch
+    return math.isqrt(tokens - qmodel.embed.prefix) * qmodel.embed.patch
 
 
 @torch.no_grad()

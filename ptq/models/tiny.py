@@ -19,6 +19,8 @@ import argparse
 import logging
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ TINY_DIGITS_ARCH: dict[str, int] = {
 }
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "tiny_digits.pt"
+DIGITS_IMAGE_SIZE = 24  # every embedded model's input side (data.image_size)
 
 #: Training defaults used for the committed checkpoint.
 EPOCHS = 10
@@ -54,9 +57,42 @@ WARMUP_EPOCHS = 2
 LABEL_SMOOTHING = 0.1
 
 
+#: timm ``VisionTransformerDistilled`` keyword arguments of ``tiny_deit_digits`` (a distilled DeiT:
+#: class and distillation tokens, two heads averaged; trained on the labels through that average).
+TINY_DEIT_ARCH: dict[str, Any] = {
+    "img_size": 24, "patch_size": 4, "depth": 4, "num_heads": 4, "embed_dim": 64, "mlp_ratio": 2.0,
+    "num_classes": 10,
+}
+
+
 def build_tiny_vit() -> VisionTransformer:
     """A randomly initialized ViT with the ``TINY_DIGITS_ARCH`` architecture."""
     return VisionTransformer(**TINY_DIGITS_ARCH)
+
+
+def build_tiny_deit() -> nn.Module:
+    """A randomly initialized timm distilled DeiT with the ``TINY_DEIT_ARCH`` architecture."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    return VisionTransformerDistilled(**TINY_DEIT_ARCH)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """An embedded model: its builder, architecture (for the checkpoint's metadata) and committed weights."""
+
+    build: Callable[[], nn.Module]
+    arch: dict[str, Any]
+    weights: Path
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+#: The embedded models by config name (``model=<name>``), all trained on the digits.
+EMBEDDED: dict[str, Embedded] = {
+    "tiny_digits": Embedded(build_tiny_vit, TINY_DIGITS_ARCH, ASSETS / "tiny_digits.pt"),
+    "tiny_deit_digits": Embedded(build_tiny_deit, TINY_DEIT_ARCH, ASSETS / "tiny_deit_digits.pt"),
+}
 
 
 @torch.no_grad()
@@ -89,8 +125,9 @@ def train_tiny_digits(
     train_subset: int | None = None,
     evaluate: bool = True,
     data_seed: int = 0,
+    name: str = "tiny_digits",
 ) -> dict[str, Any]:
-    """Train the tiny ViT deterministically on the digits train split and save it.
+    """Train the embedded model ``name`` (``EMBEDDED``) deterministically on the digits train split and save it.
 
     Seeds everything (in a forked RNG, so the caller's global RNG state is untouched) and
     enables deterministic algorithms for the duration. ``train_subset`` keeps only the
@@ -100,7 +137,7 @@ def train_tiny_digits(
     Returns ``{"test_acc1", "seconds", "state_dict", "meta"}``.
     """
     start = time.perf_counter()
-    splits = digits_splits(image_size=TINY_DIGITS_ARCH["image_size"], seed=data_seed)
+    splits = digits_splits(image_size=DIGITS_IMAGE_SIZE, seed=data_seed)
     images, labels = splits["train"].tensors
     if train_subset is not None:
         images, labels = images[:train_subset], labels[:train_subset]
@@ -114,7 +151,7 @@ def train_tiny_digits(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build_tiny_vit()
+            model = EMBEDDED[name].build()
             gen = torch.Generator().manual_seed(seed)
             decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "pos" not in name]
             no_decay = [p for name, p in model.named_parameters() if p.ndim < 2 or "pos" in name]
@@ -127,7 +164,7 @@ def train_tiny_digits(
             )
             loss_fn = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
             model.train()
-            bar = tqdm(range(epochs), desc="train tiny_digits", unit="epoch", leave=False)
+            bar = tqdm(range(epochs), desc=f"train {name}", unit="epoch", leave=False)
             for epoch in bar:
                 perm = torch.randperm(n, generator=gen)
                 total_loss = 0.0
@@ -147,9 +184,10 @@ def train_tiny_digits(
     model.eval()
     test_acc1 = evaluate_top1(model, splits["test"]) if evaluate else float("nan")
     seconds = time.perf_counter() - start
-    log.info("trained tiny_digits: %d epochs, %.1fs, test top-1 %.2f%%", epochs, seconds, test_acc1)
+    log.info("trained %s: %d epochs, %.1fs, test top-1 %.2f%%", name, epochs, seconds, test_acc1)
     meta = {
-        "arch": dict(TINY_DIGITS_ARCH),
+        "model": name,
+        "arch": dict(EMBEDDED[name].arch),
         "seed": seed,
         "data_seed": data_seed,
         "epochs": epochs,
@@ -168,43 +206,45 @@ def train_tiny_digits(
     return {"test_acc1": test_acc1, "seconds": seconds, "state_dict": state_dict, "meta": meta}
 
 
-def load_tiny_digits(weights_path: str | Path | None = None) -> VisionTransformer:
-    """The trained tiny digits ViT in eval mode, from ``weights_path`` or the committed checkpoint.
+def load_tiny_digits(weights_path: str | Path | None = None, name: str = "tiny_digits") -> nn.Module:
+    """The trained embedded model ``name`` in eval mode, from ``weights_path`` or its committed checkpoint.
 
     Raises ``FileNotFoundError`` if the file is missing and ``ValueError`` if it is not a
     readable tiny-digits checkpoint; both messages name the file and the regenerate command.
     """
-    path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
-    regenerate = "python -m ptq.models.tiny" + (f" --out {path}" if weights_path is not None else "")
+    path = Path(weights_path) if weights_path is not None else EMBEDDED[name].weights
+    regenerate = f"python -m ptq.models.tiny --model {name}" + (f" --out {path}" if weights_path is not None else "")
     if not path.is_file():
         raise FileNotFoundError(
-            f"Tiny digits checkpoint {path} not found; regenerate it with `{regenerate}`."
+            f"{name} checkpoint {path} not found; regenerate it with `{regenerate}`."
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         raw = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
         state_dict = {k: v.float() for k, v in raw.items()}  # fp16-stored tensors load as float32
         with torch.random.fork_rng(devices=[]):  # the discarded random init leaves the caller's RNG alone
-            model = build_tiny_vit()
+            model = EMBEDDED[name].build()
         model.load_state_dict(state_dict)
     except Exception as exc:  # corrupt file, wrong format or wrong architecture
         raise ValueError(
-            f"Tiny digits checkpoint {path} is not a readable tiny-digits state dict; "
+            f"{name} checkpoint {path} is not a readable {name} state dict; "
             f"regenerate it with `{regenerate}`."
         ) from exc
     return model.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: train the tiny digits ViT and write its checkpoint."""
-    parser = argparse.ArgumentParser(description="Train the embedded tiny digits ViT checkpoint.")
-    parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="checkpoint path")
+    """CLI: train an embedded model and write its checkpoint."""
+    parser = argparse.ArgumentParser(description="Train an embedded digits model's checkpoint.")
+    parser.add_argument("--model", choices=sorted(EMBEDDED), default="tiny_digits")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: the committed asset)")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    result = train_tiny_digits(args.out, seed=args.seed, epochs=args.epochs)
-    log.info("test top-1 %.2f%% in %.1fs -> %s", result["test_acc1"], result["seconds"], args.out)
+    out = args.out or EMBEDDED[args.model].weights
+    result = train_tiny_digits(out, seed=args.seed, epochs=args.epochs, name=args.model)
+    log.info("test top-1 %.2f%% in %.1fs -> %s", result["test_acc1"], result["seconds"], out)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def fold(owner: nn.Module, ln: nn.LayerNorm, lin: QLinear, r: Tensor) -> None:
         raise RuntimeError(f"{lin.name}: LayerNorm factors already folded")
     ln.weight.div_(r)
     ln.bias.div_(r)
-    lin.weight.mul_(r[None, :])
+    lin.weight.mul_(r.repeat(lin.weight.shape[1] // r.numel())[None, :])  # a head over 2 tokens: r per token
     if lin.wq is not None:
         if type(lin.wq) is not WeightQuantizer:
             raise RuntimeError(f"{lin.name}: fold LayerNorm factors before installing AdaRound")

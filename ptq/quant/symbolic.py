@@ -135,9 +135,14 @@ class Sym:
         return tuple(parts)
 
     def __getitem__(self, index: Any) -> Sym:
-        """``x[:, i]``: one index along dim 1 (the class token)."""
-        if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) and isinstance(index[1], int)):
-            raise ValueError(f"only x[:, i] is supported on {self.name}, got {index!r}")
+        """``x[:, i]`` (one token: the class token) or ``x[:, a:b]`` (leading tokens) along dim 1."""
+        ok = isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
+        if ok and isinstance(index[1], slice) and index[1].step in (None, 1):
+            start, stop, _ = index[1].indices(self._shape[1])
+            return self._like("Slice", [], (self._shape[0], stop - start, *self._shape[2:]), axis=1, start=start,
+                              stop=stop)
+        if not (ok and isinstance(index[1], int)):
+            raise ValueError(f"only x[:, i] and x[:, a:b] are supported on {self.name}, got {index!r}")
         i = index[1] % self._shape[1]
         return self._like("Gather", [], (self._shape[0], *self._shape[2:]), axis=1, index=i)
 

@@ -1,4 +1,4 @@
-"""Quantized torchvision ``VisionTransformer`` of any size (see spec/quantized-vit.md).
+"""Quantized plain ViT of any size and family (torchvision, timm ViT / DeiT; spec/quantized-vit.md).
 
 The float model's parameters are copied into a module tree whose units are
 the reconstruction units of AdaRound::
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.vision_transformer import VisionTransformer
 
+from ptq.models.families import BlockParts, ViTParts, describe
 from ptq.quant import audit
 from ptq.quant.nonlinear import Backend
 from ptq.quant.qtensor import FLOAT32_EXACT, FLOAT64_EXACT, INT32_MAX, QTensor, qrange, round_ste
@@ -189,19 +189,15 @@ def _copy_ln(ln: nn.LayerNorm) -> nn.LayerNorm:
 
 
 class QPatchEmbed(nn.Module):
-    """Input quantizer, patchify conv as a linear over patches, class token and position embedding."""
+    """Input quantizer, patchify conv as a linear over patches, prefix tokens and position embedding."""
 
-    def __init__(self, model: VisionTransformer, st: QuantSettings) -> None:
+    def __init__(self, parts: ViTParts, st: QuantSettings) -> None:
         super().__init__()
-        conv = model.conv_proj
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError("only the plain patchify conv_proj is supported (no conv stem)")
-        self.patch = model.patch_size
+        self.patch = parts.patch
         self.in_q = st.act(enabled=st.quant_io)
-        self.proj = QLinear(conv.weight.flatten(1), conv.bias, st.wbits, "patch_embed")
-        pos = model.encoder.pos_embedding.detach()
-        cls = model.class_token.detach() + pos[:, :1]
-        self.const = nn.Parameter(torch.cat([cls, pos[:, 1:]], dim=1).clone(), requires_grad=False)
+        self.proj = QLinear(parts.conv_w.flatten(1), parts.conv_b, st.wbits, "patch_embed")
+        self.prefix = parts.prefix.shape[1]
+        self.const = nn.Parameter(torch.cat([parts.prefix, parts.pos], dim=1).clone(), requires_grad=False)
         self.res_q = st.residual()
 
     def forward(self, img: Tensor) -> QTensor:
@@ -210,7 +206,7 @@ class QPatchEmbed(nn.Module):
         p = self.patch
         patches = x.v.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
         acc = self.proj(QTensor(patches, x.s, x.bits, x.signed))
-        acc = QTensor(F.pad(acc.v, (0, 0, 1, 0)), acc.s, acc.bits)  # zero row where the class token goes
+        acc = QTensor(F.pad(acc.v, (0, 0, self.prefix, 0)), acc.s, acc.bits)  # zero rows where the prefix tokens go
         return self.res_q.add(acc, QTensor.from_float(self.const))
 
 
@@ -230,22 +226,19 @@ class _PreNorm(nn.Module):
 class QAttention(_PreNorm):
     """LN1 -> qkv -> softmax(q k^T / sqrt(d)) v -> out proj, plus the residual add (IdAdd)."""
 
-    def __init__(self, block: nn.Module, st: QuantSettings) -> None:
+    def __init__(self, bp: BlockParts, st: QuantSettings) -> None:
         super().__init__()
-        mha = block.self_attention
-        if not mha._qkv_same_embed_dim or not mha.batch_first:
-            raise ValueError("expected torchvision's batch-first self-attention with a packed in_proj")
-        self.heads = mha.num_heads
+        self.heads = bp.heads
         self.backend = st.backend
-        self.ln = _copy_ln(block.ln_1)
+        self.ln = _copy_ln(bp.ln1)
         self.register_buffer("ln_r", torch.ones(self.ln.normalized_shape))  # folded LN factors (quant.reparam)
         self.ln_q = st.act()
-        self.qkv = QLinear(mha.in_proj_weight, mha.in_proj_bias, st.wbits, "qkv")
+        self.qkv = QLinear(bp.qkv_w, bp.qkv_b, st.wbits, "qkv")
         self.q_q, self.k_q, self.v_q = st.act(), st.act(), st.act()
         self.scores_q = st.kernel_input()
         self.probs_q = st.act(signed=False)
         self.ctx_q = st.act()
-        self.proj = QLinear(mha.out_proj.weight, mha.out_proj.bias, st.wbits, "attn_out")
+        self.proj = QLinear(bp.proj_w, bp.proj_b, st.wbits, "attn_out")
         self.res_q = st.residual()
 
     def forward(self, x: QTensor, normed: QTensor | None = None) -> QTensor:
@@ -271,17 +264,16 @@ class QAttention(_PreNorm):
 class QMLP(_PreNorm):
     """LN2 -> fc1 -> GELU -> fc2, plus the residual add (IdAdd)."""
 
-    def __init__(self, block: nn.Module, st: QuantSettings) -> None:
+    def __init__(self, bp: BlockParts, st: QuantSettings) -> None:
         super().__init__()
-        fc1, fc2 = block.mlp[0], block.mlp[3]
         self.backend = st.backend
-        self.ln = _copy_ln(block.ln_2)
+        self.ln = _copy_ln(bp.ln2)
         self.register_buffer("ln_r", torch.ones(self.ln.normalized_shape))
         self.ln_q = st.act()
-        self.fc1 = QLinear(fc1.weight, fc1.bias, st.wbits, "fc1")
+        self.fc1 = QLinear(bp.fc1_w, bp.fc1_b, st.wbits, "fc1")
         self.fc1_q = st.kernel_input()
         self.gelu_q = st.act()
-        self.fc2 = QLinear(fc2.weight, fc2.bias, st.wbits, "fc2")
+        self.fc2 = QLinear(bp.fc2_w, bp.fc2_b, st.wbits, "fc2")
         self.res_q = st.residual()
 
     def forward(self, x: QTensor, normed: QTensor | None = None) -> QTensor:
@@ -293,10 +285,10 @@ class QMLP(_PreNorm):
 class QBlock(nn.Module):
     """One encoder block: the attention sub-block then the MLP sub-block."""
 
-    def __init__(self, block: nn.Module, st: QuantSettings) -> None:
+    def __init__(self, bp: BlockParts, st: QuantSettings) -> None:
         super().__init__()
-        self.attn = QAttention(block, st)
-        self.mlp = QMLP(block, st)
+        self.attn = QAttention(bp, st)
+        self.mlp = QMLP(bp, st)
 
     def norm(self, x: QTensor) -> QTensor:
         """LN1 of the block input (the only part of the block that depends on its input alone)."""
@@ -307,36 +299,43 @@ class QBlock(nn.Module):
 
 
 class QHead(nn.Module):
-    """Final LayerNorm on the class token (A8 output quantizer) and the classifier; logits stay float."""
+    """Final LayerNorm (A8 output quantizer) on the head's tokens and the classifier; logits stay float.
 
-    def __init__(self, model: VisionTransformer, st: QuantSettings) -> None:
+    ``tokens``: how many leading tokens the head reads side by side (2 for a distilled DeiT's
+    class and distillation tokens, ``ptq.models.families``).
+    """
+
+    def __init__(self, parts: ViTParts, st: QuantSettings) -> None:
         super().__init__()
-        heads = model.heads
-        if len(heads) != 1:
-            raise ValueError("ViTs with a pre-logits layer (representation_size) are not supported")
         self.backend = st.backend
-        self.ln = _copy_ln(model.encoder.ln)
+        self.tokens = parts.head_tokens
+        self.ln = _copy_ln(parts.norm)
         self.register_buffer("ln_r", torch.ones(self.ln.normalized_shape))
         self.ln_q = st.act(enabled=st.quant_io)
-        self.fc = QLinear(heads.head.weight, heads.head.bias, st.wbits, "head")
+        self.fc = QLinear(parts.head_w, parts.head_b, st.wbits, "head")
 
     def forward(self, x: QTensor) -> Tensor:
-        cls = QTensor(x.v[:, 0], x.s, x.bits, x.signed)
-        h = self.backend.layernorm(cls, self.ln, self.ln_q, self.ln_q.name + ".int")
+        t = x.v[:, 0] if self.tokens == 1 else x.v[:, : self.tokens]
+        h = self.backend.layernorm(QTensor(t, x.s, x.bits, x.signed), self.ln, self.ln_q, self.ln_q.name + ".int")
+        if self.tokens > 1:
+            h = QTensor(h.v.reshape(h.v.shape[0], -1), h.s, h.bits, h.signed)
         return self.fc(h).real()
 
 
 class QuantViT(nn.Module):
-    """A torchvision VisionTransformer with every quantization point of spec/quantized-vit.md."""
+    """A plain ViT (torchvision, timm ViT / DeiT) with every quantization point of spec/quantized-vit.md.
 
-    def __init__(self, model: VisionTransformer, st: QuantSettings) -> None:
+    ``model``: the float model, read through its family's adapter (``ptq.models.families.describe``).
+    """
+
+    def __init__(self, model: nn.Module, st: QuantSettings) -> None:
         super().__init__()
-        if not isinstance(model, VisionTransformer):
-            raise TypeError(f"expected torchvision VisionTransformer, got {type(model).__name__}")
+        parts = describe(model)
+        self.family = parts.family
         self.settings = st
-        self.embed = QPatchEmbed(model, st)
-        self.blocks = nn.ModuleList(QBlock(blk, st) for blk in model.encoder.layers)
-        self.head = QHead(model, st)
+        self.embed = QPatchEmbed(parts, st)
+        self.blocks = nn.ModuleList(QBlock(bp, st) for bp in parts.blocks)
+        self.head = QHead(parts, st)
         for name, mod in self.named_modules():
             if isinstance(mod, (ActQuantizer, QLinear)):
                 mod.name = name
