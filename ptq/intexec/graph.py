@@ -90,7 +90,7 @@ class OnnxGraph:
         x: Sym = inputs[0]
         self.em.scope = f"shape:{x.name}"
         out = self.em.shape_op(op, x.name, {"to": _ELEM[attrs["to"]]} if op == "Cast" else attrs)
-        if x.name in self._u8 and op in ("Reshape", "Transpose", "Slice", "Gather"):  # moves values only
+        if x.name in self._u8 and op in ("Reshape", "Transpose", "Slice", "Gather", "Roll"):  # moves values only
             self._u8[out] = self.em.shape_op(op, self._u8[x.name], attrs)
         return Sym(self, out, shape, dtype, lo, hi)
 

@@ -83,6 +83,15 @@ class Emitter:
             return em.op("Pad", [x, em.const(list(attrs["pads"]))])
         if op == "Cast":
             return em.op("Cast", [x], to=attrs["to"])
+        if op == "Roll":  # torch.roll by k: the last k entries first
+            n, k, axis = attrs["size"], attrs["shift"], attrs["axis"]
+            parts = [em.op("Slice", [x, em.const([a]), em.const([b]), em.const([axis])]) for a, b in ((n - k, n), (0, n - k))]
+            return em.op("Concat", parts, axis=axis)
+        if op == "ReduceSum":
+            return em.op("ReduceSum", [x, em.const([attrs["axis"]])], keepdims=0)
+        if op == "AddConst":
+            c = attrs["const"]
+            return em.op("Add", [x, em.const(c.numpy().astype(np.int32), np.int32, hint="bias")])
         raise ValueError(f"no ONNX lowering for {op}")
 
     # -- integer arithmetic helpers ------------------------------------------------------------

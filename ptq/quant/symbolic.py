@@ -165,7 +165,49 @@ class Sym:
             return x.pad(pad)
         if func is Tensor.detach:
             return args[0]
+        if func in (torch.roll, Tensor.roll):
+            rest = list(args[1:])
+            shifts = rest[0] if rest else kwargs["shifts"]
+            dims = rest[1] if len(rest) > 1 else kwargs.get("dims")
+            return args[0].roll(shifts, dims)
         raise TypeError(f"{getattr(func, '__name__', func)} is not supported on symbolic tensors")
+
+    def roll(self, shifts: int | tuple[int, ...], dims: int | tuple[int, ...]) -> Sym:
+        """``torch.roll``: each rolled axis is two ``Slice`` nodes and a ``Concat`` (values moved, not changed)."""
+        shifts = (shifts,) if isinstance(shifts, int) else tuple(shifts)
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        out = self
+        for shift, dim in zip(shifts, dims, strict=True):
+            dim = dim % self.dim()
+            if dim == 0:
+                raise ValueError(f"cannot roll {self.name} along the batch dimension")
+            shift = shift % self._shape[dim]
+            if shift:
+                out = out._like("Roll", [], out._shape, axis=dim, shift=shift, size=out._shape[dim])
+        return out
+
+    def sum(self, dim: int) -> Sym:
+        """The exact integer sum over ``dim`` (``ReduceSum``, int32: the bound grows by the axis length)."""
+        dim = dim % self.dim()
+        if dim == 0:
+            raise ValueError(f"cannot sum {self.name} over the batch dimension")
+        n = self._shape[dim]
+        if n * self.bound >= 2**31:
+            raise ValueError(f"the sum of {n} values of {self.name} may overflow int32")
+        shape = tuple(d for i, d in enumerate(self._shape) if i != dim)
+        return self.graph.node("ReduceSum", [self], shape, self.dtype, n * self.lo, n * self.hi, axis=dim)
+
+    def __add__(self, other: Any) -> Sym:
+        """Plus an integer constant (broadcast over the batch): an int32 ``Add`` (relative position bias)."""
+        if self.dtype != "int32" or not isinstance(other, Tensor):
+            raise ValueError(f"only an int32 value plus an integer constant is supported on {self.name}")
+        c = other.detach().cpu()
+        if not bool((c == c.round()).all()):
+            raise ValueError(f"the constant added to {self.name} is not integer")
+        lo, hi = self.lo + int(c.min()), self.hi + int(c.max())
+        if max(-lo, hi) >= 2**31:
+            raise ValueError(f"{self.name} plus its constant may overflow int32")
+        return self.graph.node("AddConst", [self], self._shape, self.dtype, lo, hi, const=c)
 
     def pad(self, pad: tuple[int, ...]) -> Sym:
         """``F.pad`` semantics: pairs (before, after) from the last dimension backwards."""
