@@ -1,7 +1,7 @@
 """Calibration stage: observe the activation ranges over calibration images, then fix every scale.
 
 ``calibrate`` runs the moving-average absmax pass of spec/quantized-vit.md on any
-``QuantViT`` (and, for ``aquant=mse|percentile``, a second pass that fills each searched
+``QuantModel`` (and, for ``aquant=mse|percentile``, a second pass that fills each searched
 quantizer's histogram); ``reparameterise`` folds per-channel LayerNorm-output factors into
 the model first (``aquant.ln_reparam``, ``ptq.quant.reparam``); ``calibrate_cached`` is the
 pipeline's stage, which first looks for the result of an identical calibration in the
@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from ptq.cache import StageCache
 from ptq.data import build as data_build
 from ptq.quant import reparam
-from ptq.quant.vit import QuantViT
+from ptq.quant.vit import QuantModel
 from ptq.runspec import data_identity, model_identity
 
 
 @torch.no_grad()
-def calibrate(qmodel: QuantViT, batches: DataLoader, device: torch.device) -> None:
+def calibrate(qmodel: QuantModel, batches: DataLoader, device: torch.device) -> None:
     """Moving-average absmax over the calibration images, then fix every scale."""
     qmodel.set_mode("observe")
     for x, _ in tqdm(batches, desc="calibrate", leave=False):
@@ -38,7 +38,7 @@ def calibrate(qmodel: QuantViT, batches: DataLoader, device: torch.device) -> No
 
 
 @torch.no_grad()
-def reparameterise(qmodel: QuantViT, batches: DataLoader, device: torch.device, alpha: float) -> None:
+def reparameterise(qmodel: QuantModel, batches: DataLoader, device: torch.device, alpha: float) -> None:
     """Per-channel absmax of every LN output that feeds a linear, folded into the model as factors."""
     absmax: dict[str, Tensor] = {}
     hooks = []
@@ -58,13 +58,13 @@ def reparameterise(qmodel: QuantViT, batches: DataLoader, device: torch.device, 
         reparam.fold(owner, ln, lin, reparam.factors(absmax[name], alpha))
 
 
-def calibration_stats(qmodel: QuantViT) -> dict[str, Tensor]:
+def calibration_stats(qmodel: QuantModel) -> dict[str, Tensor]:
     """What calibration produces: every activation quantizer's observations, and folded LN factors."""
     return {k: v.detach().cpu() for k, v in qmodel.state_dict().items()
             if k.endswith(("running_absmax", "n_batches", "seen_max", ".hist", ".ln_r"))}
 
 
-def calibration_spec(cfg: Any, qmodel: QuantViT) -> dict[str, Any]:
+def calibration_spec(cfg: Any, qmodel: QuantModel) -> dict[str, Any]:
     """Everything that determines the calibration statistics: the stage cache key."""
     st = qmodel.settings
     return {"model": model_identity(cfg), "data": data_identity(cfg), "seed": int(cfg.seed),
@@ -92,7 +92,7 @@ def search_spec(cfg: Any) -> dict[str, Any]:
     return spec
 
 
-def calibrate_cached(cfg: Any, qmodel: QuantViT, calib_source: Any, device: torch.device,
+def calibrate_cached(cfg: Any, qmodel: QuantModel, calib_source: Any, device: torch.device,
                      cache: StageCache, cached: dict[str, bool]) -> None:
     """Calibrate, or load the statistics of an identical calibration from the stage cache."""
     spec = calibration_spec(cfg, qmodel)

@@ -176,11 +176,12 @@ TIMM_MODELS: tuple[str, ...] = (
     "vit_small_patch16_224", "vit_base_patch16_224",
     "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
     "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224", "deit_base_distilled_patch16_224",
+    "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
 )
 
 #: Every ``model.name``, with the data set it is evaluated on (the embedded models: the digits).
 MODELS: dict[str, str] = {
-    "tiny_digits": "digits", "tiny_deit_digits": "digits", "vit_b_16": "imagenet",
+    "tiny_digits": "digits", "tiny_deit_digits": "digits", "tiny_swin_digits": "digits", "vit_b_16": "imagenet",
     **dict.fromkeys(TIMM_MODELS, "imagenet"),
 }
 

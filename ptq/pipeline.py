@@ -28,7 +28,8 @@ from ptq.data import build as data_build
 from ptq.evaluate import fidelity, float_baseline, predict, topk_accuracy
 from ptq.models.zoo import check_model_inputs, load_model
 from ptq.quant import audit
-from ptq.quant.vit import QuantViT
+from ptq.quant.models import quantize_model
+from ptq.quant.vit import QuantModel
 from ptq.runspec import eval_set as eval_subset
 from ptq.runspec import resolve_device, row_of, settings_of
 from ptq.runtime import seed_everything, set_threads, tune_malloc, use_compile_cache
@@ -75,7 +76,7 @@ def stage(seconds: dict[str, float], name: str, progress: Progress | None = None
         log.info("stage %s done in %.1fs", name, seconds[name])
 
 
-def reconstruct(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_source: Any, device: torch.device,
+def reconstruct(cfg: Any, qmodel: QuantModel, fp_model: nn.Module, calib_source: Any, device: torch.device,
                 run_dir: Path, metrics: dict[str, Any], progress: Progress | None = None) -> None:
     """Weight reconstruction stage: AdaRound for ``wquant=adaround``, else nothing."""
     if cfg.wquant.name != "adaround":
@@ -160,9 +161,9 @@ def setup(cfg: DictConfig) -> tuple[torch.device, StageCache]:
 
 
 def calibrated(cfg: DictConfig, fp_model: nn.Module, calib_source: Any, device: torch.device, cache: StageCache,
-               cached: dict[str, bool]) -> QuantViT:
-    """The config's QuantViT with every activation step fixed (stage-cached), or activations off at A32."""
-    qmodel = QuantViT(fp_model, settings_of(cfg)).to(device)
+               cached: dict[str, bool]) -> QuantModel:
+    """The config's QuantModel with every activation step fixed (stage-cached), or activations off at A32."""
+    qmodel = quantize_model(fp_model, settings_of(cfg)).to(device)
     if qmodel.settings.abits is not None:
         calib.calibrate_cached(cfg, qmodel, calib_source, device, cache, cached)
     else:
@@ -203,7 +204,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], progres
     if recorder is not None:
         metrics["audit"] = recorder.report()
         recorder.check()
-    if isinstance(qmodel, QuantViT) and cfg.nonlinear.name == "ivit":
+    if isinstance(qmodel, QuantModel) and cfg.nonlinear.name == "ivit":
         from ptq.intexec.rebuild import save_run_state
 
         path = save_run_state(qmodel, cfg, run_dir, q_logits)  # what `python -m ptq.intexec RUN_DIR` rebuilds from

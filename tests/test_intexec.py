@@ -90,7 +90,7 @@ def test_onnx_model_equals_simulation_bit_for_bit(wbits: int, w8a8: QuantViT) ->
     used = {i for n in model.graph.node for i in n.input}
     assert all(t.name in used for t in model.graph.initializer)
     summary = res["widths"]["summary"]
-    assert set(summary["matmuls"]) == set(MATMUL_KINDS)
+    assert set(summary["matmuls"]) == set(MATMUL_KINDS) - {"merge"}  # Swin's patch merging: not in a ViT
     assert summary["matmuls"]["qkv"]["layers"] == 2 and summary["all_accumulators_fit_int32"]
     assert summary["matmuls"]["head"]["max_abs"] > 0 and summary["over_declared_width"] == []
 

@@ -23,9 +23,10 @@ from ptq.bench.memory import bench_cache_memory
 from ptq.bench.plans import Plan, calibrated
 from ptq.bench.timing import _median, _sync, time_call
 from ptq.config import AdaRoundConfig, LSQConfig
+from ptq.quant.models import quantize_model
 from ptq.quant.nonlinear import Backend
 from ptq.quant.rounding import install_adaround
-from ptq.quant.vit import QuantSettings, QuantViT
+from ptq.quant.vit import QuantModel, QuantSettings
 from ptq.recon import train as recon_train
 from ptq.recon.train import recon_loss
 from ptq.recon.unitcache import Cached, capture
@@ -72,7 +73,7 @@ def float_units(block: nn.Module) -> dict[str, nn.Module]:
     return units
 
 
-def quant_units(q: QuantViT, b: int) -> dict[str, tuple[str, nn.Module]]:
+def quant_units(q: QuantModel, b: int) -> dict[str, tuple[str, nn.Module]]:
     """The quantized units of block ``b`` by kind: (name as in units_of, module)."""
     blk = q.blocks[b]
     return {"layer_qkv": (f"blocks.{b}.attn.qkv", blk.attn.qkv), "layer_fc1": (f"blocks.{b}.mlp.fc1", blk.mlp.fc1),
@@ -123,8 +124,8 @@ def time_float_steps(unit: nn.Module, x: Tensor, y: Tensor, n: int, device: torc
     return [time_call(step, device) for _ in range(n)]
 
 
-def _bench_unit(kind: str, named: tuple[str, nn.Module], twin_unit: nn.Module, float_unit: nn.Module, q: QuantViT,
-                twin: QuantViT, imgs: Tensor, plan: Plan, device: torch.device,
+def _bench_unit(kind: str, named: tuple[str, nn.Module], twin_unit: nn.Module, float_unit: nn.Module, q: QuantModel,
+                twin: QuantModel, imgs: Tensor, plan: Plan, device: torch.device,
                 run_cfg: SimpleNamespace) -> dict[str, Any]:
     """Median AdaRound iteration and float forward+backward seconds of one unit, over ``plan.ada_repeats``."""
     name, unit = named
@@ -160,7 +161,7 @@ def bench_adaround(model: VisionTransformer, calib: Tensor, plan: Plan, device: 
     q = calibrated(model, st, calib, plan.calib_batch, device)
     install_adaround(q)
     q.to(device)
-    twin = QuantViT(model, QuantSettings(wbits=None, abits=None)).to(device)
+    twin = quantize_model(model, QuantSettings(wbits=None, abits=None)).to(device)
     twin.set_mode("off")
     b = len(q.blocks) // 2
     qu, tu = quant_units(q, b), quant_units(twin, b)

@@ -13,17 +13,18 @@ from tqdm.auto import tqdm
 from ptq.bench.plans import Plan, _batches
 from ptq.bench.timing import Peak, _median, peak_memory, time_call
 from ptq.calib import calibrate
+from ptq.quant.models import quantize_model
 from ptq.quant.nonlinear import Backend
-from ptq.quant.vit import QuantSettings, QuantViT
+from ptq.quant.vit import QuantModel, QuantSettings
 
 log = logging.getLogger(__name__)
 
 
 def bench_eval(model: VisionTransformer, calib: Tensor, images: Tensor, plan: Plan,
-               device: torch.device) -> tuple[dict[str, Any], QuantViT]:
+               device: torch.device) -> tuple[dict[str, Any], QuantModel]:
     """Throughput of float, W8A8 fp-ops and W8A8 ivit, interleaved; also calibration throughput."""
     fp = model.to(device)
-    q_fp = QuantViT(model, QuantSettings(wbits=8, abits=8)).to(device)
+    q_fp = quantize_model(model, QuantSettings(wbits=8, abits=8)).to(device)
     batches = _batches(calib, plan.calib_batch)
 
     # calibration: observe-mode passes of q_fp, each next to a float pass over the same images
@@ -48,7 +49,7 @@ def bench_eval(model: VisionTransformer, calib: Tensor, images: Tensor, plan: Pl
         "seconds": calib_t, "float_seconds": float_t, "memory": peak.as_dict(),
     }
 
-    q_iv = QuantViT(model, QuantSettings(wbits=8, abits=8, backend=Backend("ivit"))).to(device)
+    q_iv = quantize_model(model, QuantSettings(wbits=8, abits=8, backend=Backend("ivit"))).to(device)
     q_iv.load_state_dict(q_fp.state_dict())
     q_iv.freeze()
     variants: dict[str, nn.Module] = {"float": fp, "fp_ops": q_fp, "ivit": q_iv}

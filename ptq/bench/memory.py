@@ -14,8 +14,9 @@ from torchvision.models.vision_transformer import VisionTransformer
 from ptq.bench.plans import CACHE_IMAGES, Plan
 from ptq.bench.timing import peak_memory
 from ptq.models.families import describe
+from ptq.quant.models import quantize_model
 from ptq.quant.rounding import install_adaround
-from ptq.quant.vit import QuantSettings, QuantViT
+from ptq.quant.vit import QuantModel, QuantSettings
 from ptq.recon.unitcache import FLOAT16_ABOVE_BYTES, capture
 
 log = logging.getLogger(__name__)
@@ -50,16 +51,16 @@ def _module_bytes(*mods: nn.Module) -> int:
 
 
 def model_bytes_vit_b_16() -> dict[str, int]:
-    """Host bytes of the three models reconstruction keeps (float, AdaRound QuantViT, float twin), on meta."""
+    """Host bytes of the three models reconstruction keeps (float, AdaRound QuantModel, float twin), on meta."""
     with torch.device("meta"):
         m = vit_b_16(weights=None)
-        q = QuantViT(m, QuantSettings(wbits=4, abits=8))
+        q = quantize_model(m, QuantSettings(wbits=4, abits=8))
         install_adaround(q)
-        twin = QuantViT(m, QuantSettings(wbits=None, abits=None))
+        twin = quantize_model(m, QuantSettings(wbits=None, abits=None))
     return {"float": _module_bytes(m), "quant_adaround": _module_bytes(q), "twin": _module_bytes(twin)}
 
 
-def bench_cache_memory(q: QuantViT, twin: QuantViT, calib: Tensor, plan: Plan,
+def bench_cache_memory(q: QuantModel, twin: QuantModel, calib: Tensor, plan: Plan,
                        device: torch.device) -> dict[str, Any]:
     """Measured host memory of a block unit's caches at two image counts, fitted linearly to CACHE_IMAGES.
 

@@ -32,8 +32,9 @@ from ptq.calib import calibrate
 from ptq.intexec.artefact import THREADS, session
 from ptq.intexec.build import build_onnx
 from ptq.models.families import describe
+from ptq.quant.models import quantize_model
 from ptq.quant.nonlinear import Backend
-from ptq.quant.vit import QuantSettings, QuantViT
+from ptq.quant.vit import QuantSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def float_onnx(model: VisionTransformer, size: int) -> bytes:
 
 
 def int_onnx(model: VisionTransformer, calib: Tensor, wbits: int, calib_batch: int) -> bytes:
-    """A calibrated W``wbits``A8 ivit QuantViT of ``model`` as its integer ONNX model."""
-    q = QuantViT(model.cpu(), QuantSettings(wbits=wbits, abits=8, backend=Backend("ivit")))
+    """A calibrated W``wbits``A8 ivit QuantModel of ``model`` as its integer ONNX model."""
+    q = quantize_model(model.cpu(), QuantSettings(wbits=wbits, abits=8, backend=Backend("ivit")))
     calibrate(q, _batches(calib, calib_batch), torch.device("cpu"))
     return build_onnx(q)[0].SerializeToString()
 

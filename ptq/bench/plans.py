@@ -16,7 +16,8 @@ from torchvision.models.vision_transformer import VisionTransformer
 from ptq.atomic import block_markers
 from ptq.calib import calibrate
 from ptq.models.families import describe
-from ptq.quant.vit import QuantSettings, QuantViT
+from ptq.quant.models import quantize_model
+from ptq.quant.vit import QuantModel, QuantSettings
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,8 @@ def _batches(images: Tensor, batch: int) -> list[tuple[Tensor, Tensor]]:
 
 
 def calibrated(model: VisionTransformer, st: QuantSettings, images: Tensor, batch: int,
-               device: torch.device) -> QuantViT:
-    """A QuantViT of ``model`` calibrated on ``images`` (moving-average absmax), in quant mode."""
-    q = QuantViT(model, st).to(device)
+               device: torch.device) -> QuantModel:
+    """A QuantModel of ``model`` calibrated on ``images`` (moving-average absmax), in quant mode."""
+    q = quantize_model(model, st).to(device)
     calibrate(q, _batches(images, batch), device)
     return q

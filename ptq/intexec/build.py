@@ -1,6 +1,6 @@
-"""Export a calibrated, fully integer ``QuantViT`` as a standard ONNX model.
+"""Export a calibrated, fully integer ``QuantModel`` as a standard ONNX model.
 
-The graph is derived from the model itself: :func:`build_onnx` runs ``QuantViT.forward`` on a
+The graph is derived from the model itself: :func:`build_onnx` runs ``QuantModel.forward`` on a
 symbolic image (``ptq.quant.symbolic.Sym``). Every module hands its integer operation to the
 graph with the constants it computes for the simulation (``QLinear.int_bias``,
 ``requant.multiplier``, ``ivit.layernorm_bias``, ``ActQuantizer.fold``), and the reshapes,
@@ -15,24 +15,23 @@ the input quantizer and the final dequantization every tensor is integer-typed.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import onnx
 import torch
 
 from ptq.intexec.graph import OnnxGraph
-from ptq.quant.vit import QuantViT
+from ptq.quant.vit import QuantModel
 
 FORMAT = "ptq-integer-onnx"
 VERSION = 1
 INPUT, OUTPUT, OUTPUT_INT = "image", "logits", "logits_int"
 HEAD_ACC = "head.fc.acc"
 #: the ``matmul`` label of each linear/matmul (widths summary): q @ k^T is "scores", probs @ v "context"
-MATMUL_KINDS = ("patch_embed", "qkv", "scores", "context", "attn_out", "fc1", "fc2", "head")
+MATMUL_KINDS = ("patch_embed", "qkv", "scores", "context", "attn_out", "fc1", "fc2", "merge", "head")
 
 
-def _check(qmodel: QuantViT) -> None:
+def _check(qmodel: QuantModel) -> None:
     """The program exists only for a fully integer model: say what is missing otherwise."""
     problems = []
     if not qmodel.settings.backend.integer:
@@ -46,17 +45,16 @@ def _check(qmodel: QuantViT) -> None:
         if lin.wq is None or not lin.wq.integer:
             problems.append(f"{lin.name} has no integer weight quantizer")
     if problems:
-        raise ValueError("not an integer-only QuantViT: " + "; ".join(problems[:8]))
+        raise ValueError("not an integer-only QuantModel: " + "; ".join(problems[:8]))
 
 
-def image_size(qmodel: QuantViT) -> int:
+def image_size(qmodel: QuantModel) -> int:
     """Side of the square input image the model was built for."""
-    tokens = qmodel.embed.const.shape[1]
-    return math.isqrt(tokens - qmodel.embed.prefix) * qmodel.embed.patch
+    return int(qmodel.image_size)
 
 
 @torch.no_grad()
-def build_onnx(qmodel: QuantViT, input_spec: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+def build_onnx(qmodel: QuantModel, input_spec: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
                debug: bool = False) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The integer ONNX model of ``qmodel`` and its value declarations (name -> bits, signed, kind).
 

@@ -288,25 +288,26 @@ class OnnxGraph:
         return self._out(acc, shape, dt, -bound, bound, kind="accumulator", bits=ACC_BITS, signed=True, matmul=kind)
 
     # -- kernels --------------------------------------------------------------------------------
-    def shiftmax(self, x: Sym, s: Tensor, n: int, out_bits: int, name: str) -> Sym:
-        self.em.scope = f"shiftmax:{name}"
-        em = self.em
-        s32 = s.detach().cpu().numpy()
+    def shiftmax(self, x: Sym, s: Tensor, n: int, out_bits: int, name: str, keep: Tensor | None = None) -> Sym:
+        """Shiftmax (the masked one of docs/swin.md where ``keep`` is given) into UINT(out_bits)."""
+        self.em.scope, em, s32 = f"shiftmax:{name}", self.em, s.detach().cpu().numpy()
+        keep_np = None if keep is None else keep.detach().cpu().numpy().astype(bool)
         top = 2 ** (out_bits - 1)
         if -128 <= x.lo and x.hi <= 127:  # INT8 scores: max(q) - q takes 256 values, int_exp is a table
             x0 = kernels.x0_of(kernels.f32(s32))
             table = kernels.evaluate(lambda e, v: kernels.int_exp(e, v, x0, n), -np.arange(256, dtype=np.int64))
             wide = x.shape[-1] * int(table.max()) >= 2**31  # the row sum in int32 when it provably fits
-            xi = self._cast(x, I32)
+            xi = self._cast(x, I32) if keep_np is None else kernels.masked_min(em, self._cast(x, I32), keep_np)
             idx = em.op("Sub", [em.reduce("ReduceMax", xi), xi])
             e = em.op("Gather", [em.const(table, np.int64 if wide else np.int32, hint="exp_table"), idx])
+            e = kernels.kept(em, e, keep_np, np.int64 if wide else np.int32)
             c = em.const(INT32_MAX, np.int64 if wide else np.int32)
             total = em.op("Min", [em.reduce("ReduceSum", e), c])
             f = em.op("Div", [c, total])  # e <= total: e * f <= 2**31 - 1
             p = em.op("Div", [em.op("Mul", [e, f]), em.const(1 << (32 - out_bits), np.int64 if wide else np.int32)])
             p = em.op("Cast", [p], out=name, to=I32)
         else:
-            p = kernels.shiftmax(em, self._cast(x, I64), s32, n, out_bits, name + ".i64")
+            p = kernels.shiftmax(em, self._cast(x, I64), s32, n, out_bits, name + ".i64", keep_np)
             p = em.op("Cast", [p], out=name, to=I32)
         return self._out(p, x.shape, "int32", 0, top, kind="activation", bits=out_bits, signed=False)
 

@@ -200,14 +200,29 @@ def int_exp(em: Emitter, a: str, x0: int, n: int, cap: bool = False) -> str:
     return em.op("Min", [out, em.const(INT32_MAX)]) if cap else out
 
 
-def shiftmax(em: Emitter, q: str, s: Any, n: int, out_bits: int, out: str) -> str:
-    """Spec ``shiftmax`` over the last axis: int64 ``q`` -> int64 ``p`` in [0, 2**(out_bits - 1)]."""
+def shiftmax(em: Emitter, q: str, s: Any, n: int, out_bits: int, out: str, keep: np.ndarray | None = None) -> str:
+    """Spec ``shiftmax`` over the last axis: int64 ``q`` -> int64 ``p`` in [0, 2**(out_bits - 1)].
+
+    ``keep``: the masked Shiftmax (docs/swin.md): masked entries take the row minimum, then their
+    exponential is zeroed."""
     x0 = x0_of(f32(s))
+    if keep is not None:
+        q = masked_min(em, q, keep)
     a = em.op("Sub", [q, em.reduce("ReduceMax", q)])
-    e = int_exp(em, a, x0, n)
+    e = kept(em, int_exp(em, a, x0, n), keep, np.int64)
     total = em.op("Min", [em.reduce("ReduceSum", e), em.const(INT32_MAX)])
     f = em.op("Div", [em.const(INT32_MAX), total])
     return em.op("Div", [em.op("Mul", [e, f]), em.const(1 << (32 - out_bits))], out=out)
+
+
+def masked_min(em: Emitter, q: str, keep: np.ndarray) -> str:
+    """``where(keep, q, min(q))`` over the last axis: a masked entry cannot be the row max."""
+    return em.op("Where", [em.const(keep, np.bool_, hint="keep_mask"), q, em.reduce("ReduceMin", q)])
+
+
+def kept(em: Emitter, e: str, keep: np.ndarray | None, dtype: Any) -> str:
+    """``e`` where ``keep``, 0 elsewhere (the masked Shiftmax's exponentials); ``e`` itself without a mask."""
+    return e if keep is None else em.op("Mul", [e, em.const(keep, dtype, hint="keep")])
 
 
 def log2_probs(em: Emitter, p: str, out: str) -> str:

@@ -3,7 +3,7 @@
 Every quantized run writes ``quant_state.pt`` (:func:`save_run_state`): the resolved config,
 the compact quantized state (``ptq.quant.state``: activation scales and AdaRound's rounding
 bits, about 10.8 MB at vit_b_16 size) and a fingerprint of the run's own quantized logits on
-its eval set. :func:`load_run_model` rebuilds the ``QuantViT`` from the float model the
+its eval set. :func:`load_run_model` rebuilds the ``QuantModel`` from the float model the
 config names plus that state; the verifier then checks that the rebuilt model reproduces the
 fingerprint bit for bit, so ``mismatches=0/N`` is a statement about the run, not about a
 lookalike. Next to the state file, ``quant_state.pt.sha256`` holds its SHA-256: a file damaged
@@ -26,8 +26,9 @@ from ptq.atomic import atomic_path
 from ptq.cache import file_digest
 from ptq.config import Config
 from ptq.models.zoo import load_model
+from ptq.quant.models import quantize_model
 from ptq.quant.state import compact_state, load_compact_state
-from ptq.quant.vit import QuantViT
+from ptq.quant.vit import QuantModel
 from ptq.rundir import (
     QUANT_STATE_FILE,
     QUANT_STATE_SUM_FILE,
@@ -57,7 +58,7 @@ def logits_digest(logits: Tensor) -> str:
     return hashlib.sha256(logits.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def save_run_state(qmodel: QuantViT, cfg: Any, run_dir: Path | str, q_logits: Tensor) -> Path:
+def save_run_state(qmodel: QuantModel, cfg: Any, run_dir: Path | str, q_logits: Tensor) -> Path:
     """Write ``run_dir/quant_state.pt`` atomically, then its checksum file; returns its path."""
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     check = {"n": int(q_logits.shape[0]), "logits_sha256": logits_digest(q_logits),
@@ -113,8 +114,8 @@ def _check_sum(path: Path, run_dir: Path) -> None:
         raise NotVerifiable(f"{path} is damaged (its SHA-256 differs from {sums.name}); {_rewrite_hint(run_dir)}")
 
 
-def load_run_model(run_dir: Path | str) -> tuple[QuantViT, DictConfig, dict[str, Any]]:
-    """The run's ``QuantViT`` (CPU, quant mode), its config and its logits fingerprint; NotVerifiable if none."""
+def load_run_model(run_dir: Path | str) -> tuple[QuantModel, DictConfig, dict[str, Any]]:
+    """The run's ``QuantModel`` (CPU, quant mode), its config and its logits fingerprint; NotVerifiable if none."""
     run_dir = Path(run_dir)
     _check_run_dir(run_dir)
     path = run_dir / QUANT_STATE_FILE
@@ -133,7 +134,7 @@ def load_run_model(run_dir: Path | str) -> tuple[QuantViT, DictConfig, dict[str,
                             "nonlinear=ivit runs can be verified")
     seed_everything(int(cfg.seed))  # as the pipeline did before loading: a randomly initialised model is the same
     try:
-        qmodel = load_compact_state(QuantViT(load_model(cfg), settings_of(cfg)), obj["state"])
+        qmodel = load_compact_state(quantize_model(load_model(cfg), settings_of(cfg)), obj["state"])
     except ValueError as exc:
         raise NotVerifiable(f"{path}: {exc}") from None
     return qmodel, cfg, obj["check"]

@@ -6,11 +6,11 @@ import torch
 from torch import Tensor
 
 from ptq.quant import audit
-from ptq.quant.vit import QuantViT
+from ptq.quant.vit import QuantModel
 
 
 @torch.no_grad()
-def simulate(qmodel: QuantViT, image: Tensor) -> tuple[Tensor, Tensor]:
+def simulate(qmodel: QuantModel, image: Tensor) -> tuple[Tensor, Tensor]:
     """The simulation's head accumulator (int64, exact integers) and logits for one batch."""
     got: list[Tensor] = []
     handle = qmodel.head.fc.register_forward_hook(lambda mod, args, out: got.append(out.v))
@@ -37,7 +37,7 @@ class _Capture(audit.RangeAudit):
 
 
 @torch.no_grad()
-def capture(qmodel: QuantViT, image: Tensor) -> dict[str, Tensor]:
+def capture(qmodel: QuantModel, image: Tensor) -> dict[str, Tensor]:
     """Every integer tensor the simulation's range audit names, for one batch."""
     cap = _Capture()
     with audit.active(cap):

@@ -34,7 +34,7 @@ from ptq.intexec.build import HEAD_ACC, INPUT, OUTPUT, OUTPUT_INT, build_onnx
 from ptq.intexec.rebuild import NotReproduced, NotVerifiable, check_fingerprint, load_run_model
 from ptq.intexec.simcheck import capture, simulate
 from ptq.intexec.widths import WidthRecorder
-from ptq.quant.vit import QuantViT
+from ptq.quant.vit import QuantModel
 from ptq.rundir import find_run_dirs
 from ptq.runspec import eval_set
 
@@ -99,7 +99,7 @@ def _feed(x: Tensor) -> dict[str, np.ndarray]:
     return {INPUT: x.detach().float().cpu().contiguous().numpy()}
 
 
-def diff_trace(qmodel: QuantViT, debug: Any, image: Tensor) -> list[dict[str, Any]]:
+def diff_trace(qmodel: QuantModel, debug: Any, image: Tensor) -> list[dict[str, Any]]:
     """Per named integer value, in graph order: how many elements the ONNX model and the simulation
     disagree on (the first row with ``differ > 0`` is the first diverging tensor). ``debug``: a session
     over the debug export (every named value an output)."""
@@ -119,7 +119,7 @@ def diff_trace(qmodel: QuantViT, debug: Any, image: Tensor) -> list[dict[str, An
     return rows
 
 
-def verify_program(qmodel: QuantViT, model: onnx.ModelProto, decl: dict[str, Any], images: Images,
+def verify_program(qmodel: QuantModel, model: onnx.ModelProto, decl: dict[str, Any], images: Images,
                    batch_size: int = BATCH_SIZE, keep_logits: bool = False) -> dict[str, Any]:
     """Run the simulation and the ONNX model (onnxruntime) on every image; count images whose outputs differ.
 
@@ -175,7 +175,7 @@ def _write_widths(art: Path, widths: dict[str, Any]) -> None:
     _log_widths(widths)
 
 
-def export(qmodel: QuantViT, cfg: Any, art: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def export(qmodel: QuantModel, cfg: Any, art: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Build the run's integer ONNX model, write it (with its manifest) into ``art``; returns it and its declarations."""
     meta = {"config": OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg}
     model, decl = build_onnx(qmodel, input_spec_of(cfg), meta)
@@ -194,7 +194,7 @@ def load(art: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
     return model, manifest
 
 
-def export_and_verify(qmodel: QuantViT, cfg: Any, run_dir: Path | str, images: Images,
+def export_and_verify(qmodel: QuantModel, cfg: Any, run_dir: Path | str, images: Images,
                       batch_size: int = BATCH_SIZE) -> dict[str, Any]:
     """Write ``run_dir/intexec/model.onnx``, check it on ``images`` in onnxruntime, write ``widths.json``.
 

@@ -16,6 +16,10 @@ Families (spec/quantized-vit.md, spec/quantized-swin.md):
   ``(head(t0) + head_dist(t1)) / 2`` are one linear over the two tokens side by side,
   ``[W0 W1] / 2`` with bias ``(b0 + b1) / 2``: the same function, quantized as one head.
 
+- ``timm-swin``: timm's ``SwinTransformer`` (Swin-T/S/B): :func:`describe_swin` gives
+  :class:`SwinParts`, the stages as a flat list of blocks and patch mergings in network order,
+  each block with its window, shift, relative position bias ``[heads, T, T]`` and shift mask.
+
 A timm feature the quantized graph does not have (``fc_norm`` / global-pool heads, register
 tokens, ``qk_norm``, a pre-norm, a non-GELU MLP, ...) raises :class:`UnsupportedModel` naming it,
 never a silently different network.
@@ -78,6 +82,56 @@ class ViTParts:
                 "num_classes": int(self.head_w.shape[0]), "tokens": int(self.prefix.shape[1] + self.pos.shape[1])}
 
 
+@dataclass
+class SwinBlockParts(BlockParts):
+    """A Swin block: a ViT block's parts plus its windows (timm ``SwinTransformerBlock``)."""
+
+    resolution: tuple[int, int] = (0, 0)  # (H, W) tokens of the stage
+    window: int = 0
+    shift: int = 0
+    rel_bias: Tensor | None = None  # [heads, T, T], T = window ** 2: added to the scores
+    keep: Tensor | None = None  # [nW, T, T] bool: False where the shifted-window mask forbids attending
+
+
+@dataclass
+class MergeParts:
+    """A patch merging: 2 x 2 neighbours concatenated (timm's order), LayerNorm over 4C, reduction (no bias)."""
+
+    resolution: tuple[int, int]  # (H, W) tokens before merging
+    ln: nn.LayerNorm
+    weight: Tensor  # [2C, 4C]
+
+
+@dataclass
+class SwinParts:
+    """A Swin Transformer as the quantized graph sees it (spec/quantized-swin.md)."""
+
+    family: str
+    patch: int
+    image_size: int
+    conv_w: Tensor  # [C, 3, p, p]
+    conv_b: Tensor | None
+    embed_ln: nn.LayerNorm
+    units: list[SwinBlockParts | MergeParts]  # stages flattened, network order
+    stage_of: list[int]  # the stage of each unit (a merging belongs to the stage it starts)
+    norm: nn.LayerNorm
+    head_w: Tensor
+    head_b: Tensor | None
+
+    @property
+    def blocks(self) -> list[SwinBlockParts]:
+        return [u for u in self.units if isinstance(u, SwinBlockParts)]
+
+    def arch(self) -> dict[str, int | str]:
+        """The numbers a benchmark or report prints about the model."""
+        first = self.blocks[0]
+        return {"family": self.family, "image_size": self.image_size, "patch_size": self.patch,
+                "num_layers": len(self.blocks), "hidden_dim": int(self.conv_w.shape[0]),
+                "mlp_dim": int(first.fc1_w.shape[0]), "num_classes": int(self.head_w.shape[0]),
+                "tokens": first.resolution[0] * first.resolution[1], "window": first.window,
+                "stages": max(self.stage_of) + 1}
+
+
 def _p(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
@@ -131,6 +185,18 @@ def _scaled(w: Tensor, b: Tensor | None, gamma: Tensor | None) -> tuple[Tensor, 
     return w * gamma[:, None], None if b is None else b * gamma
 
 
+def _check_mlp_norms(model: nn.Module, name: str, blk: nn.Module) -> None:
+    """A timm block's MLP is fc1 -> exact GELU -> fc2 and its two norms are LayerNorms, or it is refused."""
+    mlp = blk.mlp
+    if type(mlp).__name__ != "Mlp" or not _is_identity(getattr(mlp, "norm", None)):
+        _refuse(model, f"MLP type {type(mlp).__name__} or an MLP norm ({name}.mlp)")
+    if not isinstance(mlp.act, _GELU) or mlp.act.approximate != "none":
+        _refuse(model, f"MLP activation {mlp.act} ({name}.mlp.act; only the exact GELU)")
+    for ln in (blk.norm1, blk.norm2):
+        if not isinstance(ln, nn.LayerNorm):
+            _refuse(model, f"norm layer {type(ln).__name__} ({name})")
+
+
 def _timm_block(model: nn.Module, i: int, blk: nn.Module) -> BlockParts:
     attn, mlp = blk.attn, blk.mlp
     if type(blk).__name__ != "Block":
@@ -142,13 +208,7 @@ def _timm_block(model: nn.Module, i: int, blk: nn.Module) -> BlockParts:
             _refuse(model, f"attention {key} (qk_norm / scale_norm, blocks.{i}.attn.{key})")
     if abs(attn.scale - attn.head_dim ** -0.5) > 1e-12:
         _refuse(model, f"attention scale {attn.scale} != head_dim ** -0.5 (blocks.{i}.attn)")
-    if type(mlp).__name__ != "Mlp" or not _is_identity(getattr(mlp, "norm", None)):
-        _refuse(model, f"MLP type {type(mlp).__name__} or an MLP norm (blocks.{i}.mlp)")
-    if not isinstance(mlp.act, _GELU) or mlp.act.approximate != "none":
-        _refuse(model, f"MLP activation {mlp.act} (blocks.{i}.mlp.act; only the exact GELU)")
-    for ln in (blk.norm1, blk.norm2):
-        if not isinstance(ln, nn.LayerNorm):
-            _refuse(model, f"norm layer {type(ln).__name__} (blocks.{i})")
+    _check_mlp_norms(model, f"blocks.{i}", blk)
     proj_w, proj_b = _scaled(attn.proj.weight.detach(), _p(attn.proj.bias), _layer_scale(blk.ls1))
     fc2_w, fc2_b = _scaled(mlp.fc2.weight.detach(), _p(mlp.fc2.bias), _layer_scale(blk.ls2))
     return BlockParts(blk.norm1, _p(attn.qkv.weight), _p(attn.qkv.bias), attn.num_heads, proj_w, proj_b,
@@ -199,6 +259,67 @@ def _timm_vit(model: nn.Module) -> ViTParts:
                     head_tokens=2 if distilled else 1)
 
 
+def _swin_block(model: nn.Module, name: str, blk: nn.Module) -> SwinBlockParts:
+    attn = blk.attn
+    if type(blk).__name__ != "SwinTransformerBlock" or type(attn).__name__ != "WindowAttention":
+        _refuse(model, f"block type {type(blk).__name__} ({name})")
+    if bool(getattr(blk, "dynamic_mask", False)):
+        _refuse(model, f"a dynamic attention mask ({name}; dynamic_img_size)")
+    (h, w), (wh, ww), (sh, sw) = blk.input_resolution, blk.window_size, blk.shift_size
+    if wh != ww or sh != sw or h % wh or w % ww:
+        _refuse(model, f"windows {blk.window_size} / shift {blk.shift_size} that do not tile {h} x {w} ({name})")
+    head_dim = attn.qkv.weight.shape[0] // 3 // attn.num_heads
+    if abs(attn.scale - head_dim ** -0.5) > 1e-12:
+        _refuse(model, f"attention scale {attn.scale} != head_dim ** -0.5 ({name}.attn)")
+    _check_mlp_norms(model, name, blk)
+    mlp, proj = blk.mlp, attn.proj
+    base = BlockParts(blk.norm1, _p(attn.qkv.weight), _p(attn.qkv.bias), attn.num_heads, _p(proj.weight),
+                      _p(proj.bias), blk.norm2, _p(mlp.fc1.weight), _p(mlp.fc1.bias), _p(mlp.fc2.weight),
+                      _p(mlp.fc2.bias))
+    keep = None
+    if sh:
+        mask = blk.attn_mask
+        keep = (mask == 0) if mask is not None else None
+    return SwinBlockParts(**vars(base), resolution=(h, w), window=wh, shift=sh,
+                          rel_bias=attn._get_rel_pos_bias().detach()[0], keep=keep)
+
+
+def describe_swin(model: nn.Module) -> SwinParts:
+    """The parts of a timm ``SwinTransformer``; UnsupportedModel names what the quantized graph lacks."""
+    if family_of(model) != "timm-swin":
+        raise UnsupportedModel(f"{type(model).__name__} is not a timm SwinTransformer")
+    pe, head = model.patch_embed, model.head
+    checks = [
+        (not isinstance(getattr(pe, "proj", None), nn.Conv2d), "a patch embed that is not one Conv2d"),
+        (not isinstance(getattr(pe, "norm", None), nn.LayerNorm), "a patch embed without its LayerNorm"),
+        (getattr(getattr(head, "global_pool", None), "pool_type", None) != "avg", "a head that is not average-pooled"),
+        (not isinstance(getattr(head, "fc", None), nn.Linear), "a model without a linear head (num_classes=0)"),
+        (not isinstance(model.norm, nn.LayerNorm), "a final norm that is not LayerNorm"),
+        (pe.img_size[0] != pe.img_size[1], f"a non-square input {pe.img_size}"),
+    ]
+    for bad, what in checks:
+        if bad:
+            _refuse(model, what)
+    conv = pe.proj
+    if conv.kernel_size != conv.stride or conv.kernel_size[0] != conv.kernel_size[1]:
+        _refuse(model, f"an overlapping or non-square patch embed (kernel {conv.kernel_size}, stride {conv.stride})")
+    units: list[SwinBlockParts | MergeParts] = []
+    stage_of: list[int] = []
+    for si, stage in enumerate(model.layers):
+        ds = stage.downsample
+        if not isinstance(ds, nn.Identity):
+            if type(ds).__name__ != "PatchMerging" or ds.reduction.bias is not None:
+                _refuse(model, f"downsample {type(ds).__name__} (layers.{si})")
+            res = stage.blocks[0].input_resolution if len(stage.blocks) else (0, 0)
+            units.append(MergeParts((2 * res[0], 2 * res[1]), ds.norm, ds.reduction.weight.detach()))
+            stage_of.append(si)
+        for bi, blk in enumerate(stage.blocks):
+            units.append(_swin_block(model, f"layers.{si}.blocks.{bi}", blk))
+            stage_of.append(si)
+    return SwinParts("timm-swin", conv.kernel_size[0], pe.img_size[0], conv.weight.detach(), _p(conv.bias),
+                     pe.norm, units, stage_of, model.norm, head.fc.weight.detach(), _p(head.fc.bias))
+
+
 def family_of(model: nn.Module) -> str:
     """``torchvision``, ``timm``, ``timm-distilled`` or ``timm-swin``; UnsupportedModel otherwise."""
     from torchvision.models.vision_transformer import VisionTransformer as TVViT
@@ -216,11 +337,11 @@ def family_of(model: nn.Module) -> str:
                            "VisionTransformer, timm VisionTransformer / VisionTransformerDistilled / SwinTransformer")
 
 
-def describe(model: nn.Module) -> ViTParts:
-    """The parts of a plain-ViT family model (torchvision or timm ViT / DeiT)."""
+def describe(model: nn.Module) -> ViTParts | SwinParts:
+    """The parts of a supported model: :class:`ViTParts` (torchvision, timm ViT / DeiT) or :class:`SwinParts`."""
     family = family_of(model)
     if family == "torchvision":
         return _torchvision(model)
     if family in ("timm", "timm-distilled"):
         return _timm_vit(model)
-    raise UnsupportedModel(f"{type(model).__name__} ({family}) is not a plain ViT; it has its own quantized class")
+    return describe_swin(model)

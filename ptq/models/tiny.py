@@ -65,6 +65,15 @@ TINY_DEIT_ARCH: dict[str, Any] = {
 }
 
 
+#: timm ``SwinTransformer`` keyword arguments of ``tiny_swin_digits``: two stages (8 x 8 then 4 x 4 tokens,
+#: 4 x 4 windows, the second stage's blocks shifted in stage 1 only, as timm sets it when a stage
+#: is one window), one patch merging, the pooled head.
+TINY_SWIN_ARCH: dict[str, Any] = {
+    "img_size": 24, "patch_size": 3, "embed_dim": 48, "depths": (2, 2), "num_heads": (2, 4), "window_size": 4,
+    "mlp_ratio": 2.0, "drop_path_rate": 0.05, "num_classes": 10,
+}
+
+
 def build_tiny_vit() -> VisionTransformer:
     """A randomly initialized ViT with the ``TINY_DIGITS_ARCH`` architecture."""
     return VisionTransformer(**TINY_DIGITS_ARCH)
@@ -77,6 +86,13 @@ def build_tiny_deit() -> nn.Module:
     return VisionTransformerDistilled(**TINY_DEIT_ARCH)
 
 
+def build_tiny_swin() -> nn.Module:
+    """A randomly initialized timm Swin with the ``TINY_SWIN_ARCH`` architecture."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(**TINY_SWIN_ARCH)
+
+
 @dataclass(frozen=True)
 class Embedded:
     """An embedded model: its builder, architecture (for the checkpoint's metadata) and committed weights."""
@@ -84,6 +100,7 @@ class Embedded:
     build: Callable[[], nn.Module]
     arch: dict[str, Any]
     weights: Path
+    epochs: int = EPOCHS  # training epochs of the committed checkpoint
 
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -92,6 +109,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED: dict[str, Embedded] = {
     "tiny_digits": Embedded(build_tiny_vit, TINY_DIGITS_ARCH, ASSETS / "tiny_digits.pt"),
     "tiny_deit_digits": Embedded(build_tiny_deit, TINY_DEIT_ARCH, ASSETS / "tiny_deit_digits.pt"),
+    "tiny_swin_digits": Embedded(build_tiny_swin, TINY_SWIN_ARCH, ASSETS / "tiny_swin_digits.pt", epochs=20),
 }
 
 
@@ -238,12 +256,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train an embedded digits model's checkpoint.")
     parser.add_argument("--model", choices=sorted(EMBEDDED), default="tiny_digits")
     parser.add_argument("--out", type=Path, default=None, help="checkpoint path (default: the committed asset)")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the model's committed recipe")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = args.out or EMBEDDED[args.model].weights
-    result = train_tiny_digits(out, seed=args.seed, epochs=args.epochs, name=args.model)
+    epochs = args.epochs if args.epochs is not None else EMBEDDED[args.model].epochs
+    result = train_tiny_digits(out, seed=args.seed, epochs=epochs, name=args.model)
     log.info("test top-1 %.2f%% in %.1fs -> %s", result["test_acc1"], result["seconds"], out)
 
 

@@ -1,11 +1,17 @@
-"""Quantizer groups of a :class:`QuantViT`, and the two temporary changes a sensitivity scan makes to one.
+"""Quantizer groups of a :class:`QuantModel`, and the two temporary changes a sensitivity scan makes to one.
 
 A group is a set of quantizers a researcher asks about together:
 
 - ``role``: every activation quantizer of one role (``input``, ``ln``, ``q``, ``k``, ``v``, ``scores``,
   ``probs``, ``context``, ``fc1_out``, ``gelu_out``, ``residual``, ``final_ln``);
 - ``weights``: the weight quantizers of every linear of one :attr:`QLinear.kind` (``weights.qkv``...);
-- ``block``: everything inside ``blocks.i`` (its activation and weight quantizers, its Shiftmax).
+- ``block``: everything inside ``blocks.i`` (its activation and weight quantizers, its Shiftmax);
+- ``stage``: everything inside the blocks of one stage (Swin: ``stage.k``, its patch merging included;
+  only for models of more than one stage).
+
+Swin adds the roles ``embed_out`` (the patch embedding's INT16 accumulator) and ``pooled`` (the
+mean over tokens) and the weight kind ``merge`` (patch-merging reductions); they are listed only
+for models that have them.
 
 Every enabled quantizer is in exactly one role or weight group and in at most one block group.
 A quantizer disabled by the config (``quant_io=false``, A32, wquant=none) is in none, so such a
@@ -42,16 +48,21 @@ from dataclasses import dataclass
 import torch
 
 from ptq.quant.quantizers import ActQuantizer, WeightQuantizer
-from ptq.quant.vit import QAttention, QLinear, QuantViT
+from ptq.quant.vit import QAttention, QLinear, QuantModel
 
 #: Activation roles in network order, by the quantizer's attribute name (``head.ln_q`` is ``final_ln``).
 ACT_ROLES: dict[str, str] = {
     "in_q": "input", "ln_q": "ln", "q_q": "q", "k_q": "k", "v_q": "v", "scores_q": "scores",
     "probs_q": "probs", "ctx_q": "context", "fc1_q": "fc1_out", "gelu_q": "gelu_out", "res_q": "residual",
 }
+#: Swin's own roles (``proj_q``: the patch embedding's INT16 accumulator, ``pool_q``: the mean over tokens)
+SWIN_ACT_ROLES: dict[str, str] = {"proj_q": "embed_out", "pool_q": "pooled"}
 ROLES: tuple[str, ...] = (*dict.fromkeys(ACT_ROLES.values()), "final_ln")
 WEIGHT_KINDS: tuple[str, ...] = ("patch_embed", "qkv", "attn_out", "fc1", "fc2", "head")
-KINDS: tuple[str, ...] = ("role", "weights", "block")
+#: roles and weight kinds only some families have: listed (after the common ones) only for a model that has them
+EXTRA_ROLES: tuple[str, ...] = tuple(SWIN_ACT_ROLES.values())
+EXTRA_WEIGHT_KINDS: tuple[str, ...] = ("merge",)
+KINDS: tuple[str, ...] = ("role", "weights", "block", "stage")
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,7 +85,8 @@ class Group:
 
 def act_role(name: str) -> str:
     """The role of an activation quantizer from its module name (``blocks.0.attn.scores_q`` -> ``scores``)."""
-    return "final_ln" if name == "head.ln_q" else ACT_ROLES[name.rsplit(".", 1)[-1]]
+    attr = name.rsplit(".", 1)[-1]
+    return "final_ln" if name == "head.ln_q" else ACT_ROLES.get(attr) or SWIN_ACT_ROLES[attr]
 
 
 def _group(name: str, kind: str, acts: Iterable[ActQuantizer], linears: Iterable[QLinear],
@@ -86,18 +98,27 @@ def _group(name: str, kind: str, acts: Iterable[ActQuantizer], linears: Iterable
     return Group(name, kind, acts, linears, shiftmax, fallback)
 
 
-def groups(model: QuantViT) -> list[Group]:
+def groups(model: QuantModel) -> list[Group]:
     """Role groups, then weight groups, then one group per block (empty groups included, members 0)."""
     acts = [q for q in model.act_quantizers() if q.enabled]
     linears = [m for m in model.linears() if m.wq is not None]
     attns = [m for m in model.modules() if isinstance(m, QAttention) and m.backend.integer]
-    out = [_group(role, "role", (q for q in acts if act_role(q.name) == role), (), attns) for role in ROLES]
+    present = {act_role(q.name) for q in model.act_quantizers()} | {m.kind for m in model.linears()}
+    roles = [*ROLES, *(r for r in EXTRA_ROLES if r in present)]
+    kinds = [*WEIGHT_KINDS, *(k for k in EXTRA_WEIGHT_KINDS if k in present)]
+    out = [_group(role, "role", (q for q in acts if act_role(q.name) == role), (), attns) for role in roles]
     out += [_group(f"weights.{kind}", "weights", (), (m for m in linears if m.kind == kind), attns)
-            for kind in WEIGHT_KINDS]
+            for kind in kinds]
     for i in range(len(model.blocks)):
         prefix = f"blocks.{i}."
         out.append(_group(f"blocks.{i}", "block", (q for q in acts if q.name.startswith(prefix)),
                           (m for m in linears if m.name.startswith(prefix)), attns))
+    stage_of = model.stages()
+    if len(set(stage_of)) > 1:
+        for k in sorted(set(stage_of)):
+            prefixes = tuple(f"blocks.{i}." for i, s in enumerate(stage_of) if s == k)
+            out.append(_group(f"stage.{k}", "stage", (q for q in acts if q.name.startswith(prefixes)),
+                              (m for m in linears if m.name.startswith(prefixes)), attns))
     return out
 
 

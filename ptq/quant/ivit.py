@@ -147,7 +147,7 @@ def int_exp(q: Tensor, s: ScaleLike, n: int) -> Tensor:
 # ----------------------------------------------------------------------------- Shiftmax / ShiftGELU
 
 
-def _shiftmax32(q: Tensor, x0: int, n: int, out_bits: int) -> Tensor | None:
+def _shiftmax32(q: Tensor, x0: int, n: int, out_bits: int, keep: Tensor | None = None) -> Tensor | None:
     """Shiftmax of a float32 ``q`` in 32-bit arithmetic, the same integers as the int64 kernel; None
     where 32 bits do not hold every intermediate.
 
@@ -162,14 +162,21 @@ def _shiftmax32(q: Tensor, x0: int, n: int, out_bits: int) -> Tensor | None:
         return None
     idx = torch.sub(q.amax(-1, keepdim=True), q).clamp_max_(lim).to(torch.int32)
     e = _exp_table(x0, n, q.device, torch.int32).index_select(0, idx.view(-1)).view(idx.shape)
+    if keep is not None:
+        e = e.mul_(keep)
     f = torch.floor_divide(torch.tensor(INT32_MAX, dtype=torch.int32, device=q.device),
                            e.sum(-1, keepdim=True, dtype=torch.int32))
     return e.mul_(f).bitwise_right_shift_(32 - out_bits)
 
 
 def shiftmax(q: Tensor, s: ScaleLike, n: int = 15, out_bits: int = 8,
-             dtype: torch.dtype = torch.int64) -> tuple[Tensor, Tensor]:
+             dtype: torch.dtype = torch.int64, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Integer softmax over the last dim (spec "shiftmax").
+
+    ``keep`` (bool, broadcasting against ``q``): the masked Shiftmax of docs/swin.md. Entries
+    where it is False take the row's minimum before the row max is taken (so the max is over the
+    kept entries), and their ``int_exp`` is replaced by 0: their probability is exactly 0 and they
+    add nothing to the row's total.
 
     Returns ``p`` (integers ``0 <= p <= 2**(out_bits-1)``, rows summing to about
     ``2**(out_bits-1)``) as ``dtype`` (int64, or float32 for the simulation, which holds them
@@ -184,7 +191,9 @@ def shiftmax(q: Tensor, s: ScaleLike, n: int = 15, out_bits: int = 8,
     s_out = torch.tensor(1.0 / 2 ** (out_bits - 1), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return torch.empty(q.shape, dtype=dtype, device=q.device), s_out
-    p32 = _shiftmax32(q, x0, n, out_bits)
+    if keep is not None:
+        q = torch.where(keep, q, q.amin(-1, keepdim=True))
+    p32 = _shiftmax32(q, x0, n, out_bits, None if keep is None else keep.to(torch.int32))
     if p32 is not None:
         return p32.to(dtype), s_out
     qi = _as_int64(q)
@@ -192,6 +201,8 @@ def shiftmax(q: Tensor, s: ScaleLike, n: int = 15, out_bits: int = 8,
     # a = q - max(q) <= 0, kept as idx = -a >= 0 (in the converted copy when there is one)
     idx = torch.sub(mx, qi, out=qi) if qi is not q else mx - qi
     e = _int_exp_neg(idx, x0, n)
+    if keep is not None:
+        e = e * keep
     total = e.sum(-1, keepdim=True).clamp_max_(INT32_MAX)  # >= 1: the row max gives -x0 * 2**n
     f = INT32_MAX // total
     p = e.mul_(f).bitwise_right_shift_(32 - out_bits)

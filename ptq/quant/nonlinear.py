@@ -28,9 +28,9 @@ from ptq.quant.symbolic import graph_of
 
 
 @torch.library.custom_op("ptq::shiftmax", mutates_args=())
-def _shiftmax(q: Tensor, s: Tensor, n: int, out_bits: int) -> tuple[Tensor, Tensor]:
+def _shiftmax(q: Tensor, s: Tensor, n: int, out_bits: int, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Shiftmax's integers as float32 (exact: at most 2**15 here), what the simulation carries."""
-    return ivit.shiftmax(q, s, n, out_bits, torch.float32)
+    return ivit.shiftmax(q, s, n, out_bits, torch.float32, keep)
 
 
 @torch.library.custom_op("ptq::log2_probs", mutates_args=())
@@ -71,6 +71,11 @@ def _(q: Tensor, s: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple
     return q.new_empty(q.shape, dtype=torch.int64), q.new_empty(q.shape[-1:], dtype=torch.float32)
 
 
+def _float_softmax(x: Tensor, keep: Tensor | None) -> Tensor:
+    """Softmax over the last dim; entries where ``keep`` is False read as -inf (probability exactly 0)."""
+    return F.softmax(x if keep is None else x.masked_fill(~keep, float("-inf")), dim=-1)
+
+
 def _needs_grad(x: QTensor) -> bool:
     """Whether a straight-through gradient must be attached (e.g. not for a unit's cached input)."""
     return torch.is_grad_enabled() and (x.v.requires_grad or x.s.requires_grad)
@@ -96,8 +101,12 @@ class Backend:
         """Width of the ivit probabilities: UINT(out_bits), or UINT15 powers of two with log2."""
         return ivit.LOG2_SCALE_BITS + 1 if self.softmax_log2 else self.softmax_out_bits
 
-    def softmax(self, x: QTensor, out_q: ActQuantizer, name: str = "softmax") -> QTensor:
+    def softmax(self, x: QTensor, out_q: ActQuantizer, name: str = "softmax", keep: Tensor | None = None) -> QTensor:
         """Attention probabilities; the ivit output is UINT(out_bits) at scale 2^-(out_bits-1).
+
+        ``keep``: Swin's shifted-window mask (bool, broadcasting; False: not attended). Masked
+        entries get probability exactly 0 from both ops: the float softmax reads them as -inf, the
+        masked Shiftmax zeroes their exponential (docs/swin.md).
 
         With ``softmax_log2`` they are powers of two (:func:`ptq.quant.ivit.log2_probs` of a
         16-bit Shiftmax) at scale 2^-14. With ``out_q`` off (probabilities left float by a
@@ -106,7 +115,7 @@ class Backend:
         g = graph_of(x.v) if self.integer and x.integer else None
         if g is not None:  # exporting: the kernels as graph nodes, their output scales from the kernels
             bits = ivit.LOG2_IN_BITS if self.softmax_log2 else self.softmax_out_bits
-            p = g.shiftmax(x.v, x.s, self.softmax_n, bits, name + (".shiftmax" if self.softmax_log2 else ""))
+            p = g.shiftmax(x.v, x.s, self.softmax_n, bits, name + (".shiftmax" if self.softmax_log2 else ""), keep)
             _, s = ivit.shiftmax(torch.zeros(1, 1), x.s, self.softmax_n, bits)
             if self.softmax_log2:
                 p = g.log2_probs(p, name)
@@ -115,16 +124,16 @@ class Backend:
         if self.integer and x.integer and out_q.mode != "off":
             with torch.no_grad():
                 if self.softmax_log2:
-                    p, _ = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, ivit.LOG2_IN_BITS)
+                    p, _ = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, ivit.LOG2_IN_BITS, keep)
                     p, s = _log2_probs(p)
                 else:
-                    p, s = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, self.softmax_out_bits)
+                    p, s = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, self.softmax_out_bits, keep)
             audit.record(name, p, self.probs_bits, signed=False)
             s = s.to(torch.float32)
-            soft = F.softmax(x.real(), dim=-1) / s if _needs_grad(x) else None
+            soft = _float_softmax(x.real(), keep) / s if _needs_grad(x) else None
             v = ste_attach(p, soft) if soft is not None else p.to(torch.float32)
             return QTensor(v, s, self.probs_bits, signed=False)
-        return out_q(QTensor.from_float(F.softmax(x.real(), dim=-1)))
+        return out_q(QTensor.from_float(_float_softmax(x.real(), keep)))
 
     def gelu(self, x: QTensor, out_q: ActQuantizer, name: str = "gelu") -> QTensor:
         """GELU, requantized by ``out_q`` (INT8 at W?A8)."""

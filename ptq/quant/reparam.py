@@ -1,6 +1,7 @@
 """Per-channel post-LayerNorm scales folded into the model (RepQ-ViT's idea, kept per-tensor and integer).
 
-A LayerNorm output feeding a linear layer (LN1 -> qkv, LN2 -> fc1, final LN -> head) has
+A LayerNorm output feeding a linear layer (LN1 -> qkv, LN2 -> fc1, final LN -> head; in Swin also
+a patch merging's LN -> reduction, and the head's mean over tokens, which commutes with ``r``) has
 channels of very different ranges, so one per-tensor step at A4 wastes most levels on a
 few wide channels. With per-channel factors ``r`` the LayerNorm's affine is divided by
 ``r`` and the linear's input columns multiplied by it: ``W' (y / r) = W y``, the float
@@ -20,14 +21,17 @@ import torch
 from torch import Tensor, nn
 
 from ptq.quant.quantizers import WeightQuantizer
-from ptq.quant.vit import QLinear, QuantViT
+from ptq.quant.vit import QLinear, QuantModel
 
 R_MIN = 1e-2  # factors are clamped to [R_MIN, 1 / R_MIN]: a dead channel is not blown up
 
 
-def ln_pairs(qmodel: QuantViT) -> Iterator[tuple[str, nn.Module, nn.LayerNorm, QLinear]]:
+def ln_pairs(qmodel: QuantModel) -> Iterator[tuple[str, nn.Module, nn.LayerNorm, QLinear]]:
     """(name, owner module, LayerNorm, the linear it feeds) for every LN -> linear pair, in network order."""
     for i, blk in enumerate(qmodel.blocks):
+        if not hasattr(blk, "attn"):  # a Swin patch merging: LN over 4C -> reduction
+            yield f"blocks.{i}", blk, blk.ln, blk.reduction
+            continue
         yield f"blocks.{i}.attn", blk.attn, blk.attn.ln, blk.attn.qkv
         yield f"blocks.{i}.mlp", blk.mlp, blk.mlp.ln, blk.mlp.fc1
     yield "head", qmodel.head, qmodel.head.ln, qmodel.head.fc
@@ -55,7 +59,7 @@ def fold(owner: nn.Module, ln: nn.LayerNorm, lin: QLinear, r: Tensor) -> None:
     owner.ln_r.copy_(r)
 
 
-def apply_saved(qmodel: QuantViT, state: Mapping[str, Tensor]) -> bool:
+def apply_saved(qmodel: QuantModel, state: Mapping[str, Tensor]) -> bool:
     """Fold the ``<owner>.ln_r`` factors found in ``state`` (a saved state) into ``qmodel``; whether any were."""
     any_folded = False
     for name, owner, ln, lin in ln_pairs(qmodel):

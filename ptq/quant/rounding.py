@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ptq.quant.qtensor import qrange
 from ptq.quant.quantizers import WeightQuantizer, channel_view
-from ptq.quant.vit import QuantViT
+from ptq.quant.vit import QuantModel
 
 ZETA, GAMMA = 1.1, -0.1
 V_SATURATED = 12.0  # |V| where the rectified sigmoid is clamped: h is exactly 0 or 1
@@ -65,7 +65,7 @@ class AdaRoundQuantizer(WeightQuantizer):
         return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
 
 
-def install_adaround(qmodel: QuantViT) -> list[AdaRoundQuantizer]:
+def install_adaround(qmodel: QuantModel) -> list[AdaRoundQuantizer]:
     """Replace every weight quantizer by an AdaRound one on the same grid (hard = nearest until trained)."""
     out = []
     for lin in qmodel.linears():

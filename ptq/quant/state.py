@@ -1,10 +1,10 @@
-"""The compact state of a calibrated (and reconstructed) ``QuantViT``: what the float model cannot give back.
+"""The compact state of a calibrated (and reconstructed) ``QuantModel``: what the float model cannot give back.
 
-A ``QuantViT`` is its float model plus a little learned or observed state: every activation
+A ``QuantModel`` is its float model plus a little learned or observed state: every activation
 quantizer's scale (and its calibration statistics), any folded LayerNorm factors
 (``ptq.quant.reparam``) and, for AdaRound, one rounding bit per weight. :func:`compact_state` keeps just that (rounding bits packed eight to a byte; at
 vit_b_16 size about 10.8 MB against 690 MB for the full state dict with AdaRound's float V),
-and :func:`load_compact_state` puts it back into a ``QuantViT`` rebuilt from the same float
+and :func:`load_compact_state` puts it back into a ``QuantModel`` rebuilt from the same float
 model and settings. Everything else (weights, biases, LayerNorm affine, the weight scales and
 AdaRound's floor) is derived from the float weights exactly as at the start of the run.
 """
@@ -20,12 +20,12 @@ from torch import Tensor
 
 from ptq.quant import reparam
 from ptq.quant.rounding import AdaRoundQuantizer, install_adaround
-from ptq.quant.vit import QuantViT
+from ptq.quant.vit import QuantModel
 
 FORMAT = "ptq-quant-state/1"
 #: entries a state may lack (it predates them): a fresh model's value is what such a run had (no fold)
 _OPTIONAL = re.compile(r"(\.seen_max|\.ln_r)$")
-#: state-dict entries a rebuilt QuantViT derives from the float model by itself (weights, with the
+#: state-dict entries a rebuilt QuantModel derives from the float model by itself (weights, with the
 #: saved LayerNorm factors folded in), or needs no more once the scales are fixed (histograms)
 _DERIVED = re.compile(r"(\.weight|\.bias|\.const|\.wq\.scale|\.wq\.w_floor|\.wq\.v|\.hist)$")
 
@@ -41,15 +41,15 @@ def _unpack(entry: dict[str, Any]) -> Tensor:
     return torch.from_numpy(flat.astype(np.float32)).reshape(entry["shape"])
 
 
-def compact_state(qmodel: QuantViT) -> dict[str, Any]:
+def compact_state(qmodel: QuantModel) -> dict[str, Any]:
     """``{"format", "tensors": {state-dict key: tensor}, "rounding": {linear: packed bits}}``, on the CPU."""
     tensors = {k: v.detach().cpu().clone() for k, v in qmodel.state_dict().items() if not _DERIVED.search(k)}
     rounding = {lin.name: _pack(lin.wq.rounding()) for lin in qmodel.linears() if isinstance(lin.wq, AdaRoundQuantizer)}
     return {"format": FORMAT, "tensors": tensors, "rounding": rounding}
 
 
-def load_compact_state(qmodel: QuantViT, state: dict[str, Any]) -> QuantViT:
-    """Put a :func:`compact_state` back into a fresh ``QuantViT`` of the same float model; quant mode after."""
+def load_compact_state(qmodel: QuantModel, state: dict[str, Any]) -> QuantModel:
+    """Put a :func:`compact_state` back into a fresh ``QuantModel`` of the same float model; quant mode after."""
     if state.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} state (format {state.get('format')!r})")
     own = qmodel.state_dict()

@@ -322,20 +322,22 @@ class QHead(nn.Module):
         return self.fc(h).real()
 
 
-class QuantViT(nn.Module):
-    """A plain ViT (torchvision, timm ViT / DeiT) with every quantization point of spec/quantized-vit.md.
+class QuantModel(nn.Module):
+    """What every quantized model shares (QuantViT here, QuantSwin in ``ptq.quant.swin``).
 
-    ``model``: the float model, read through its family's adapter (``ptq.models.families.describe``).
+    Subclasses build ``embed``, ``blocks`` (the reconstruction units between them, in network
+    order) and ``head``, then call :meth:`_finish`. ``image_size`` is the side of the square
+    input; ``family`` the adapter's family name (``ptq.models.families``).
     """
 
-    def __init__(self, model: nn.Module, st: QuantSettings) -> None:
-        super().__init__()
-        parts = describe(model)
-        self.family = parts.family
-        self.settings = st
-        self.embed = QPatchEmbed(parts, st)
-        self.blocks = nn.ModuleList(QBlock(bp, st) for bp in parts.blocks)
-        self.head = QHead(parts, st)
+    family: str
+    settings: QuantSettings
+    image_size: int
+    embed: nn.Module
+    blocks: nn.ModuleList
+    head: nn.Module
+
+    def _finish(self) -> None:
         for name, mod in self.named_modules():
             if isinstance(mod, (ActQuantizer, QLinear)):
                 mod.name = name
@@ -363,3 +365,27 @@ class QuantViT(nn.Module):
         for q in self.act_quantizers():
             q.freeze()
         self.set_mode("quant")
+
+    def stages(self) -> list[int]:
+        """The stage of each of ``blocks`` (a plain ViT is one stage)."""
+        return [0] * len(self.blocks)
+
+
+class QuantViT(QuantModel):
+    """A plain ViT (torchvision, timm ViT / DeiT) with every quantization point of spec/quantized-vit.md.
+
+    ``model``: the float model, read through its family's adapter (``ptq.models.families.describe``).
+    """
+
+    def __init__(self, model: nn.Module, st: QuantSettings) -> None:
+        super().__init__()
+        parts = describe(model)
+        if not isinstance(parts, ViTParts):
+            raise TypeError(f"{parts.family} is not a plain ViT: quantize it with ptq.quant.models.quantize_model")
+        self.family = parts.family
+        self.settings = st
+        self.image_size = parts.image_size
+        self.embed = QPatchEmbed(parts, st)
+        self.blocks = nn.ModuleList(QBlock(bp, st) for bp in parts.blocks)
+        self.head = QHead(parts, st)
+        self._finish()

@@ -30,8 +30,9 @@ from ptq.atomic import atomic_path
 from ptq.cache import spec_key
 from ptq.calib import calibration_spec
 from ptq.data.build import loader, subset
+from ptq.quant.models import quantize_model
 from ptq.quant.rounding import install_adaround
-from ptq.quant.vit import QLinear, QuantSettings, QuantViT
+from ptq.quant.vit import QLinear, QuantModel, QuantSettings
 from ptq.recon.plots import plot_reconstruction
 from ptq.recon.train import flush_denormals, train_unit
 from ptq.recon.unitcache import capture, capture_fisher
@@ -43,15 +44,21 @@ RECON_PLOT = "recon.png"  # in the run dir: curves and per-unit losses (ptq.reco
 
 
 def units_of(qmodel: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]:
-    """Reconstruction units in network order (spec/adaround.md)."""
+    """Reconstruction units in network order (spec/adaround.md, spec/quantized-swin.md).
+
+    ``block``: each block's attention and MLP sub-blocks; a block without them (a Swin patch
+    merging) is its own unit at ``block`` and ``encoder`` granularity.
+    """
     if granularity == "model":
         return [("model", qmodel)]
     if granularity == "layer":
         return [(n, m) for n, m in qmodel.named_modules() if isinstance(m, QLinear)]
     inner: list[tuple[str, nn.Module]] = []
     for i, blk in enumerate(qmodel.blocks):
-        if granularity == "block":
+        if granularity == "block" and hasattr(blk, "attn"):
             inner += [(f"blocks.{i}.attn", blk.attn), (f"blocks.{i}.mlp", blk.mlp)]
+        elif granularity == "block":
+            inner.append((f"blocks.{i}", blk))
         elif granularity == "encoder":
             inner.append((f"blocks.{i}", blk))
         else:
@@ -59,7 +66,7 @@ def units_of(qmodel: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]
     return [("embed", qmodel.embed), *inner, ("head", qmodel.head)]
 
 
-def resume_key(cfg: Any, qmodel: QuantViT) -> str:
+def resume_key(cfg: Any, qmodel: QuantModel) -> str:
     """Hash of everything that determines the reconstructed model.
 
     The calibration part is the calibration stage's own cache key (``calib.calibration_spec``), so an
@@ -83,7 +90,7 @@ def _write_index(index: Path, ckpt_path: Path, done: int) -> None:
         tmp.write_text(json.dumps({"checkpoint": str(ckpt_path.resolve()), "done": done}))
 
 
-def _load_resume(index: Path, qmodel: QuantViT) -> dict[str, Any] | None:
+def _load_resume(index: Path, qmodel: QuantModel) -> dict[str, Any] | None:
     if not index.exists():
         return None
     try:
@@ -97,7 +104,7 @@ def _load_resume(index: Path, qmodel: QuantViT) -> dict[str, Any] | None:
     return ckpt
 
 
-def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_source: Any, device: torch.device,
+def reconstruct_model(cfg: Any, qmodel: QuantModel, fp_model: nn.Module, calib_source: Any, device: torch.device,
                       run_dir: Path, metrics: dict[str, Any],
                       on_unit: Callable[[int, int, str], None] | None = None) -> None:
     """AdaRound every unit of ``qmodel`` in network order; records go into ``metrics``.
@@ -107,7 +114,7 @@ def reconstruct_model(cfg: Any, qmodel: QuantViT, fp_model: nn.Module, calib_sou
     """
     install_adaround(qmodel)
     qmodel.to(device)
-    twin = QuantViT(fp_model, QuantSettings(wbits=None, abits=None)).to(device)
+    twin = quantize_model(fp_model, QuantSettings(wbits=None, abits=None)).to(device)
     twin.set_mode("off")
     ada = cfg.adaround
     calib = subset(calib_source, ada.calib_images, int(cfg.seed) + 1)

@@ -27,7 +27,7 @@ from ptq.evaluate import fidelity, float_baseline, predict, topk_accuracy
 from ptq.models.zoo import load_model
 from ptq.pipeline import calibrated, recorded, setup, stage, write_json
 from ptq.quant.groups import groups, left_float, raisable, raised
-from ptq.quant.vit import QuantViT
+from ptq.quant.vit import QuantModel
 from ptq.runspec import eval_set, row_of
 from ptq.runtime import set_threads
 from ptq.sensitivity import report
@@ -54,7 +54,7 @@ def eval_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg, {"data": {"eval_images": int(cfg.sensitivity.eval_images)}})
 
 
-def scan_groups(qmodel: QuantViT, measure: Measure, high_bits: int, baseline: dict[str, float]) -> list[dict[str, Any]]:
+def scan_groups(qmodel: QuantModel, measure: Measure, high_bits: int, baseline: dict[str, float]) -> list[dict[str, Any]]:
     """One record per group, sorted by ``cost_float`` (largest first, ties by the lower KL; skipped groups last)."""
     records = []
     for g in tqdm(groups(qmodel), desc="groups", leave=False):
