@@ -168,6 +168,7 @@ class Config:
     cache_dir: str | None = "outputs/.cache"  # null: no stage cache
     sweep_name: str | None = None  # set by the named sweeps in sweeps/
     export: bool = False
+    export_qdq: bool = False  # also write the run's model as a QDQ ONNX model and measure it (ptq.intexec.qdq)
     debug_name: str | None = None
 
 

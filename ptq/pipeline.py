@@ -209,6 +209,13 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], progres
 
         path = save_run_state(qmodel, cfg, run_dir, q_logits)  # what `python -m ptq.intexec RUN_DIR` rebuilds from
         metrics["quant_state_kB"] = round(path.stat().st_size / 1024, 1)
+    if cfg.export_qdq and isinstance(qmodel, QuantModel):
+        from ptq.intexec.qdq import export_and_measure
+
+        with stage(seconds, "export_qdq", progress):
+            metrics["qdq"] = export_and_measure(qmodel, run_dir, eval_set, labels, q_logits, fp_logits)
+        log.info("QDQ model on onnxruntime: acc1=%.2f (simulation %.2f), agree with simulation %.2f%%, kl %.4g",
+                 metrics["qdq"]["acc1"], metrics["acc1"], metrics["qdq"]["agreement_sim"], metrics["qdq"]["kl_sim"])
     if cfg.export:
         from ptq.intexec import export_and_verify
 

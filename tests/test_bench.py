@@ -128,7 +128,8 @@ def test_onnx_comparison_is_part_of_the_benchmark(quick_run, tmp_path: Path) -> 
     result, printed, out = quick_run
     for name in ("tiny", "vit_b_16"):
         ores = result["onnx"]["models"][name]
-        assert set(ores["ratios"]) == {"ort_int_w8a8", "ort_int_w4a8", "ort_int_w8a8_b1", "ort_int_w4a8_b1"}
+        assert set(ores["ratios"]) == {f"ort_{k}{b}" for k in ("int_w8a8", "int_w4a8", "qdq_w8a8", "static_w8a8")
+                                       for b in ("", "_b1")}
         assert all(_positive(v) for v in ores["ratios"].values())
         assert 1 <= ores["b1_runs_per_round"] <= 25 and (name == "vit_b_16" or ores["b1_runs_per_round"] > 1)
         assert {k: result["ratios_by_model"][name][k] for k in ores["ratios"]} == ores["ratios"]

@@ -39,6 +39,9 @@ from ptq.quant.vit import QuantSettings
 log = logging.getLogger(__name__)
 
 INT_MODELS = {"int_w8a8": 8, "int_w4a8": 4}  # name -> weight bits (A8, ivit)
+#: the QDQ models: ptq's (the calibrated fp-backend W8A8 model, ptq.intexec.qdq) and onnxruntime's own
+#: ``quantize_static`` of the float model (QDQ, per-channel int8 weights, the same calibration images)
+QDQ_MODELS = ("qdq_w8a8", "static_w8a8")
 B1_ROUND_S, B1_MAX_RUNS = 0.05, 25  # batch-1 time per model and round, at most this many runs
 # Pause before switching sessions. The previous session's spinning threads would take the two
 # cores from the next one: tiny's batch-1 run measured 7.5 ms after the float model's runs,
@@ -65,12 +68,45 @@ def int_onnx(model: VisionTransformer, calib: Tensor, wbits: int, calib_batch: i
     return build_onnx(q)[0].SerializeToString()
 
 
+def qdq_onnx(model: VisionTransformer, calib: Tensor, calib_batch: int) -> bytes:
+    """ptq's QDQ model (``ptq.intexec.qdq``) of a calibrated W8A8 fp-backend QuantModel of ``model``."""
+    from ptq.intexec.qdq import build_qdq
+
+    q = quantize_model(model.cpu(), QuantSettings(wbits=8, abits=8))
+    calibrate(q, _batches(calib, calib_batch), torch.device("cpu"))
+    return build_qdq(q).SerializeToString()
+
+
+def static_onnx(float_model: bytes, calib: Tensor, calib_batch: int) -> bytes:
+    """onnxruntime's own ``quantize_static`` of the float ONNX model: QDQ, per-channel int8 weights, uint8
+    activations (its defaults), MinMax calibration on ``calib``."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calib.split(calib_batch))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self.it, None)
+            return None if x is None else {"image": x.float().numpy()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "static.onnx"
+        src.write_bytes(float_model)
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+        return dst.read_bytes()
+
+
 def export_all(model: VisionTransformer, calib: Tensor, size: int, calib_batch: int,
                out: Path | None = None) -> dict[str, bytes]:
-    """float, int_w8a8 and int_w4a8 serialized models (also written to ``out`` when given)."""
+    """float, int_w8a8, int_w4a8, qdq_w8a8 and static_w8a8 serialized models (also written to ``out``)."""
     models = {"float": float_onnx(model, size)}
     for name, wbits in INT_MODELS.items():
         models[name] = int_onnx(model, calib, wbits, calib_batch)
+    models["qdq_w8a8"] = qdq_onnx(model, calib, calib_batch)
+    models["static_w8a8"] = static_onnx(models["float"], calib, calib_batch)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for name, blob in models.items():
@@ -116,7 +152,9 @@ def bench_ort(models: dict[str, bytes], images: Tensor, batch: int, repeats: int
                             "img_per_s": round(batch / bb, 1)}
     f = res["models"]["float"]
     res["ratios"] = {}
-    for k in INT_MODELS:
+    for k in (*INT_MODELS, *QDQ_MODELS):
+        if k not in res["models"]:
+            continue
         m = res["models"][k]
         res["ratios"][f"ort_{k}"] = round(m["batch_ms"] / f["batch_ms"], 3)
         res["ratios"][f"ort_{k}_b1"] = round(m["b1_ms"] / f["b1_ms"], 3)
@@ -171,6 +209,19 @@ ORT_PLANS = {  # model -> (throughput batch, timed rounds, calibration images); 
 ORT_TARGETS = {("vit_b_16", "ort_int_w8a8_b1"): 0.45, ("vit_b_16", "ort_int_w8a8"): 0.5, ("tiny", "ort_int_w8a8"): 1.0}
 
 
+def top1_on_digits(models: dict[str, bytes], size: int) -> dict[str, float]:
+    """Top-1 (%) of each ONNX model on the whole digits test split (the tiny model's eval split)."""
+    from ptq.data.digits import digits_splits
+
+    x, y = digits_splits(image_size=size, seed=0)["test"].tensors
+    out = {}
+    for key, blob in models.items():
+        sess = session(blob, THREADS)
+        logits = np.concatenate([sess.run(None, {"image": b.float().numpy()})[0] for b in x.split(256)])
+        out[key] = round(100.0 * float((torch.from_numpy(logits).argmax(1) == y).float().mean()), 2)
+    return out
+
+
 def run_onnx_bench(names: list[str], quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
     """Export float / W8A8 / W4A8 of each model, time them interleaved on onnxruntime, profile W8A8."""
     from ptq.bench.plans import PLANS, build_model, images_for
@@ -189,6 +240,8 @@ def run_onnx_bench(names: list[str], quick: bool, out_dir: Path | None = None) -
         log.info("%s: exported float and integer models in %.1fs", name, time.perf_counter() - t0)
         res = bench_ort(models, images, batch, repeats)
         res["profile_int_w8a8"] = profile_int(models["int_w8a8"], images, 1)
+        if name == "tiny":  # real data: the accuracy each deployment keeps, on the same 2396 images
+            res["top1"] = top1_on_digits(models, size)
         res["model"] = meta | {"name": name, "layers": arch["num_layers"], "hidden_dim": arch["hidden_dim"]}
         res["targets"] = {k: v for (m, k), v in ORT_TARGETS.items() if m == name}
         res["targets_met"] = {k: bool(res["ratios"][k] <= v) for k, v in res["targets"].items()}
@@ -224,13 +277,19 @@ def render_onnx_section(result: dict[str, Any]) -> str:
     lines = [f"Measured by `{command}{' --quick' if result['quick'] else ''}` on "
              f"{result.get('created', '')[:10]} with {result['runtime']} (CPU execution provider, "
              f"{result['threads']} threads, {result.get('cpu', 'this machine')}): the float model exported by "
-             "`torch.onnx.export`, the W8A8 and W4A8 ivit models by `ptq.intexec`, timed interleaved in one "
-             "process (median of the rounds). Ratios are integer time / float time: below 1 is faster.", "",
+             "`torch.onnx.export`, the W8A8 and W4A8 ivit models by `ptq.intexec` (`int_*`), ptq's QDQ export of "
+             "the calibrated W8A8 model (`qdq_w8a8`, `ptq.intexec.qdq`) and onnxruntime's own `quantize_static` "
+             "of the float model (`static_w8a8`: QDQ, per-channel int8 weights, the same calibration images), "
+             "timed interleaved in one process (median of the rounds). Ratios are model time / float time: "
+             "below 1 is faster.", "",
              onnx_table(result), ""]
     for name, res in result["models"].items():
         prof = res["profile_int_w8a8"]
         roles = ", ".join(f"{k} {v / prof['total_ms'] * 100:.0f} %" for k, v in list(prof["by_role_ms"].items())[:5])
         lines.append(f"- `{name}` W8A8 time by role (onnxruntime profiler, batch {prof['batch']}): {roles}.")
+        if "top1" in res:
+            accs = ", ".join(f"{k} {v:.2f}" for k, v in res["top1"].items())
+            lines.append(f"- `{name}` top-1 (%) of each model on onnxruntime, whole digits test split: {accs}.")
     return "\n".join(lines)
 
 

@@ -136,10 +136,18 @@ def _median(xs: Sequence[float]) -> float:
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Platform, CPU, torch version and the device's name."""
     cpu_name = platform.processor() or platform.machine()
+    flags: set[str] = set()
     with contextlib.suppress(OSError):
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
         if m:
             cpu_name = m.group(1).strip()
+        f = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        flags = set(f.group(1).split()) if f else set()
+    # onnxruntime's uint8 x int8 kernels: exact and fast with VNNI / AMX, pairwise int16 sums without
+    vnni = bool(flags & {"avx512_vnni", "avx_vnni"})
+    amx = bool(flags & {"amx_int8"})
+    cpu_name = f"{cpu_name}, {'with' if vnni else 'without'} AVX-512 VNNI{', with AMX' if amx else ''}"
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -111,6 +111,13 @@ class QTensor:
         """Dequantized value ``v * s`` in float32."""
         return self.v.float() * self.s
 
+    def plain(self) -> Tensor:
+        """The real value, without a multiplication where the scale is the float wrapper's 1 (the QDQ
+        export traces this: no Cast / Mul between a DequantizeLinear and the MatMul it feeds)."""
+        if self.bits is None and self.s.dim() == 0 and float(self.s) == 1.0 and self.v.dtype == torch.float32:
+            return self.v
+        return self.real()
+
     def dequant(self) -> QTensor:
         """The same value as a plain float QTensor."""
         return QTensor.from_float(self.real())

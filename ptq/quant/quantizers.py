@@ -90,6 +90,18 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, channels={self.scale.numel()}"
 
 
+def qdq_pair(x: Tensor, scale: Tensor, lo: int, hi: int) -> Tensor:
+    """``x`` quantized at ``scale`` to [lo, hi] and back as one exportable QDQ pair (int8 / uint8 codes).
+
+    Below 8 bits the value is clipped to the range first: int8 codes then hold the same integers.
+    """
+    s = float(scale)
+    signed = lo < 0
+    if (signed and lo > -128) or (not signed and hi < 255):
+        x = x.clamp(lo * s, hi * s)
+    return torch.fake_quantize_per_tensor_affine(x, s, 0, -128 if signed else 0, 127 if signed else 255)
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor symmetric activation quantizer, scale from a moving average of the absmax.
 
@@ -101,7 +113,7 @@ class ActQuantizer(nn.Module):
     ``off`` whatever mode is asked for.
     """
 
-    MODES = ("off", "observe", "histogram", "quant")
+    MODES = ("off", "observe", "histogram", "quant", "qdq")  # qdq: the QDQ export's float function (ptq.intexec.qdq)
 
     def __init__(self, bits: int, signed: bool = True, momentum: float = 0.95, enabled: bool = True,
                  method: str = "movavg", percentile: float = 99.99, grid: int = 100) -> None:
@@ -183,6 +195,8 @@ class ActQuantizer(nn.Module):
     def forward(self, x: QTensor) -> QTensor:
         if self.mode == "off":
             return x.dequant() if x.integer or x.per_channel else x
+        if self.mode == "qdq":
+            return QTensor.from_float(qdq_pair(x.plain(), self.scale, *qrange(self.bits, self.signed)))
         if self.mode in ("observe", "histogram"):
             real = x.real()
             if self.mode == "observe":

@@ -133,6 +133,7 @@ class QLinear(nn.Module):
         self.wq: WeightQuantizer | None = None if wbits is None else WeightQuantizer(self.weight, wbits)
         self.name = ""
         self.kind = kind
+        self.qdq = False  # the QDQ export's view (ptq.intexec.qdq): x @ DQ(W_int)^T + b in float
 
     def quantized_weight(self) -> tuple[Tensor, Tensor, bool]:
         """(integer weight, per-channel scale, whether it holds exact integers)."""
@@ -146,7 +147,15 @@ class QLinear(nn.Module):
             return None
         return torch.round(self.bias.double() / s_acc.double()).clamp(-INT32_MAX, INT32_MAX)
 
+    def qdq_forward(self, x: Tensor) -> Tensor:
+        """``x @ DQ(W_int^T) + b`` from the buffers ``ptq.intexec.qdq.qdq_view`` gives the layer (its codes
+        transposed, so that the DequantizeLinear feeds the MatMul directly: the pattern onnxruntime fuses)."""
+        y = x @ torch.fake_quantize_per_channel_affine(self.qdq_w, self.qdq_s, self.qdq_zp, 1, -128, 127)
+        return y if self.bias is None else y + self.bias.detach()
+
     def forward(self, x: QTensor) -> QTensor:
+        if self.qdq:
+            return QTensor.from_float(self.qdq_forward(x.plain()))
         if x.per_channel:
             x = x.dequant()
         w, s_w, w_int = self.quantized_weight()
