@@ -212,14 +212,11 @@ ORT_TARGETS = {("vit_b_16", "ort_int_w8a8_b1"): 0.45, ("vit_b_16", "ort_int_w8a8
 def top1_on_digits(models: dict[str, bytes], size: int) -> dict[str, float]:
     """Top-1 (%) of each ONNX model on the whole digits test split (the tiny model's eval split)."""
     from ptq.data.digits import digits_splits
+    from ptq.evaluate import topk_accuracy
+    from ptq.intexec.qdq import run_qdq
 
     x, y = digits_splits(image_size=size, seed=0)["test"].tensors
-    out = {}
-    for key, blob in models.items():
-        sess = session(blob, THREADS)
-        logits = np.concatenate([sess.run(None, {"image": b.float().numpy()})[0] for b in x.split(256)])
-        out[key] = round(100.0 * float((torch.from_numpy(logits).argmax(1) == y).float().mean()), 2)
-    return out
+    return {key: round(topk_accuracy(run_qdq(blob, x, 256), y, (1,))[0], 2) for key, blob in models.items()}
 
 
 def run_onnx_bench(names: list[str], quick: bool, out_dir: Path | None = None) -> dict[str, Any]:

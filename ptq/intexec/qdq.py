@@ -7,7 +7,7 @@ choice: ``QuantizeLinear`` / ``DequantizeLinear`` pairs that carry the run's own
 around float ``MatMul`` s, with Softmax, GELU and LayerNorm in float as in the ``fp`` backend.
 onnxruntime fuses the pairs into its integer kernels at session creation, as it does for
 ``onnxruntime.quantization.quantize_static``'s output. It cannot be bit-exact to the simulation:
-onnxruntime requantizes in float; its accuracy is measured instead (:func:`compare`).
+onnxruntime requantizes in float; its accuracy is measured instead (:func:`export_and_measure`).
 
 How: a copy of the quantized model runs its ordinary forward in the ``qdq`` state
 (:func:`qdq_view`): every activation quantizer of at most 8 bits becomes
@@ -109,13 +109,13 @@ def fold_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 @torch.no_grad()
-def build_qdq(qmodel: QuantModel, image_size: int | None = None) -> onnx.ModelProto:
+def build_qdq(qmodel: QuantModel) -> onnx.ModelProto:
     """The QDQ ONNX model of a calibrated (and reconstructed) ``qmodel``: ``image`` in, float ``logits`` out."""
     for q in qmodel.act_quantizers():
         if q.enabled and q.mode != "quant":
             raise ValueError(f"{q.name} is in mode {q.mode!r}: export a calibrated model (quant mode)")
     view = qdq_view(qmodel)
-    size = image_size or qmodel.image_size
+    size = qmodel.image_size
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -150,7 +150,7 @@ QDQ_DIR, QDQ_FILE = "qdq", "model.onnx"
 
 
 def run_qdq(model_bytes: bytes, images: Any, batch_size: int = 64) -> torch.Tensor:
-    """The QDQ model's float logits over ``images`` (a tensor, a dataset or batches) on onnxruntime."""
+    """A float-output ONNX model's logits over ``images`` (a tensor, a dataset or batches) on onnxruntime."""
     from tqdm.auto import tqdm
 
     from ptq.intexec.artefact import session

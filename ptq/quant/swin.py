@@ -20,8 +20,6 @@ window partition / merge and the 2 x 2 concatenation move integers only.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -37,7 +35,6 @@ from ptq.quant.vit import (
     QuantSettings,
     _copy_ln,
     _PreNorm,
-    int_matmul,
 )
 
 
@@ -122,21 +119,7 @@ class QWindowAttention(QAttention):
         b, hh, ww, c = h.v.shape
         win, sh = self.window, self.shift
         hv = torch.roll(h.v, shifts=(-sh, -sh), dims=(1, 2)) if sh else h.v
-        acc = self.qkv(QTensor(_partition(hv, b, hh, ww, win), h.s, h.bits, h.signed))  # [B, nW, T, 3C]
-        nw, t = acc.v.shape[1], acc.v.shape[2]
-        d = c // self.heads
-        s_parts = acc.s.chunk(3) if acc.per_channel else (acc.s,) * 3
-        qkv = [quant(QTensor(v, s, acc.bits))
-               for quant, v, s in zip((self.q_q, self.k_q, self.v_q), acc.v.split(c, dim=-1), s_parts, strict=True)]
-        q, k, v = (QTensor(z.v.reshape(b, nw, t, self.heads, d).permute(0, 1, 3, 2, 4), z.s, z.bits, z.signed)
-                   for z in qkv)
-        kt = QTensor(k.v.transpose(-2, -1), k.s, k.bits, k.signed)
-        scores = int_matmul(q, kt, 1.0 / math.sqrt(d), self.scores_q.name + ".acc", "scores")
-        scores = self.scores_q(self.biased(scores))
-        probs = self.backend.softmax(scores, self.probs_q, self.probs_q.name + ".int", self.keep)
-        ctx = int_matmul(probs, v, 1.0, self.ctx_q.name + ".acc", "context")  # [B, nW, heads, T, d]
-        ctx = self.ctx_q(QTensor(ctx.v.permute(0, 1, 3, 2, 4).reshape(b, nw, t, c), ctx.s, ctx.bits))
-        out = self.proj(ctx)
+        out = self.attend(QTensor(_partition(hv, b, hh, ww, win), h.s, h.bits, h.signed), self.keep)  # [B, nW, T, C]
         ov = _merge(out.v, b, hh, ww, win)
         ov = torch.roll(ov, shifts=(sh, sh), dims=(1, 2)) if sh else ov
         return self.res_q.add(x, QTensor(ov, out.s, out.bits))

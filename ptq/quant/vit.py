@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from ptq.models.families import BlockParts, ViTParts, describe
 from ptq.quant import audit
+from ptq.quant.matmul import _magnitude, exact_matmul, int_matmul
 from ptq.quant.nonlinear import Backend
-from ptq.quant.qtensor import FLOAT32_EXACT, FLOAT64_EXACT, INT32_MAX, QTensor, qrange, round_ste
+from ptq.quant.qtensor import FLOAT32_EXACT, INT32_MAX, QTensor, round_ste
 from ptq.quant.quantizers import ActQuantizer, WeightQuantizer
 from ptq.quant.symbolic import graph_of
 
@@ -73,50 +74,6 @@ class QuantSettings:
         width = bits if bits is not None else (self.abits or 8)
         return ActQuantizer(width, signed, self.momentum, enabled=enabled and self.abits is not None,
                             method=method or self.act_method, percentile=self.act_percentile, grid=self.act_grid)
-
-
-def _magnitude(bits: int | None, signed: bool) -> int:
-    lo, hi = qrange(bits, signed)
-    return max(-lo, hi)
-
-
-def exact_matmul(a: Tensor, b: Tensor, a_max: int, b_max: int) -> Tensor:
-    """``a @ b`` for integer-valued tensors, exact (float32 when that is exact, else float64).
-
-    float32 sums integers exactly while every partial sum stays below 2**24,
-    so K is split into chunks of at most 2**24 / (a_max * b_max) terms, each
-    chunk multiplied in float32 and the chunks summed in float64.
-    ``a``: [..., T, K]; ``b``: [..., K, N] (broadcasting batch dims).
-    """
-    k = a.shape[-1]
-    if a_max * b_max > FLOAT32_EXACT:  # even single products leave float32: use float64 (exact below 2**53)
-        if k * a_max * b_max >= FLOAT64_EXACT:
-            return (a.long() @ b.long()).double()
-        return a.double() @ b.double()
-    chunk = FLOAT32_EXACT // max(1, a_max * b_max)
-    a32, b32 = a.float(), b.float()
-    if k <= chunk:
-        return a32 @ b32  # every partial sum is an integer below 2**24: exact in float32
-    n = math.ceil(k / chunk)
-    pad = n * chunk - k
-    a32 = F.pad(a32, (0, pad)).unflatten(-1, (n, chunk)).movedim(-2, -3)  # [..., n, T, chunk]
-    b32 = F.pad(b32, (0, 0, 0, pad)).unflatten(-2, (n, chunk))  # [..., n, chunk, N]
-    return (a32 @ b32).double().sum(-3)
-
-
-def int_matmul(a: QTensor, b: QTensor, scale: float = 1.0, name: str = "matmul", kind: str = "matmul") -> QTensor:
-    """Product of two per-tensor quantized operands: an integer accumulator when both are integer.
-
-    ``name`` / ``kind`` label the product in an exported integer program (``scores``, ``context``).
-    """
-    s = a.s * b.s * scale
-    g = graph_of(a.v)
-    if g is not None:  # exporting: the integer product, its scale as above
-        return QTensor(g.matmul(a.v, b.v, name, kind), s, 32)
-    if a.integer and b.integer and not torch.is_grad_enabled():
-        acc = exact_matmul(a.v, b.v, _magnitude(a.bits, a.signed), _magnitude(b.bits, b.signed))
-        return QTensor(acc, s, 32)
-    return QTensor(a.v.float() @ b.v.float(), s, 32 if a.integer and b.integer else None)
 
 
 class QLinear(nn.Module):
@@ -253,21 +210,32 @@ class QAttention(_PreNorm):
     def forward(self, x: QTensor, normed: QTensor | None = None) -> QTensor:
         """``normed``: ``self.norm(x)`` when the caller has it already."""
         h = self.ln_q(self.norm(x) if normed is None else normed)
+        return self.res_q.add(x, self.attend(h))
+
+    def biased(self, acc: QTensor) -> QTensor:
+        """The scores' accumulator before its quantizer (Swin adds its relative position bias here)."""
+        return acc
+
+    def attend(self, h: QTensor, keep: Tensor | None = None) -> QTensor:
+        """qkv -> softmax(q k^T / sqrt(d)) v -> out proj on tokens ``h`` ``[..., T, C]``: the proj accumulator.
+
+        The leading dims are kept (batch, and Swin's windows); ``keep`` masks the softmax."""
         acc = self.qkv(h)
-        b, t, e3 = acc.v.shape
+        *lead, t, e3 = acc.v.shape
         e, d = e3 // 3, e3 // 3 // self.heads
         s_parts = acc.s.chunk(3) if acc.per_channel else (acc.s,) * 3
         qkv = [
             quant(QTensor(v, s, acc.bits))
             for quant, v, s in zip((self.q_q, self.k_q, self.v_q), acc.v.split(e, dim=-1), s_parts, strict=True)
         ]
-        q, k, v = (QTensor(z.v.reshape(b, t, self.heads, d).transpose(1, 2), z.s, z.bits, z.signed) for z in qkv)
+        q, k, v = (QTensor(z.v.reshape(*lead, t, self.heads, d).transpose(-3, -2), z.s, z.bits, z.signed)
+                   for z in qkv)
         kt = QTensor(k.v.transpose(-2, -1), k.s, k.bits, k.signed)
-        scores = self.scores_q(int_matmul(q, kt, 1.0 / math.sqrt(d), self.scores_q.name + ".acc", "scores"))
-        probs = self.backend.softmax(scores, self.probs_q, self.probs_q.name + ".int")
+        scores = int_matmul(q, kt, 1.0 / math.sqrt(d), self.scores_q.name + ".acc", "scores")
+        probs = self.backend.softmax(self.scores_q(self.biased(scores)), self.probs_q, self.probs_q.name + ".int", keep)
         ctx = int_matmul(probs, v, 1.0, self.ctx_q.name + ".acc", "context")
-        ctx = self.ctx_q(QTensor(ctx.v.transpose(1, 2).reshape(b, t, e), ctx.s, ctx.bits))
-        return self.res_q.add(x, self.proj(ctx))
+        ctx = self.ctx_q(QTensor(ctx.v.transpose(-3, -2).reshape(*lead, t, e), ctx.s, ctx.bits))
+        return self.proj(ctx)
 
 
 class QMLP(_PreNorm):
