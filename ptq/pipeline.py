@@ -204,10 +204,11 @@ def _run_stages(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], progres
     if recorder is not None:
         metrics["audit"] = recorder.report()
         recorder.check()
-    if isinstance(qmodel, QuantModel) and cfg.nonlinear.name == "ivit":
+    if isinstance(qmodel, QuantModel):
         from ptq.intexec.rebuild import save_run_state
 
-        path = save_run_state(qmodel, cfg, run_dir, q_logits)  # what `python -m ptq.intexec RUN_DIR` rebuilds from
+        # what `python -m ptq.intexec [--format qdq] RUN_DIR` rebuilds from
+        path = save_run_state(qmodel, cfg, run_dir, q_logits)
         metrics["quant_state_kB"] = round(path.stat().st_size / 1024, 1)
     if cfg.export_qdq and isinstance(qmodel, QuantModel):
         from ptq.intexec.qdq import export_and_measure

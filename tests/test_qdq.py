@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import numpy_helper
 
 from ptq.data.digits import digits_splits
 from ptq.intexec.qdq import build_qdq, describe_fusion, run_qdq
+from ptq.intexec.verify import main as verify_main
 from ptq.models.tiny import load_tiny_digits
 from ptq.quant.models import quantize_model
 from ptq.quant.nonlinear import Backend
@@ -75,3 +79,29 @@ def test_cli_export_qdq_measures_it_on_the_eval_split(run_cli, tmp_path: Path) -
     assert abs(qdq["acc1"] - metrics["acc1"]) < 3.0 and qdq["agreement_sim"] >= 90.0
     assert sum(qdq["fused"].values()) >= 17
     onnx.checker.check_model(onnx.load(qdq["artefact"]))
+    # afterwards, from the run dir alone: the same model, the same measurement, recorded again
+    before = dict(qdq)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert verify_main(["--format", "qdq", str(tmp_path / "run")]) == 0
+    again = json.loads((tmp_path / "run" / "metrics.json").read_text())["qdq"]
+    assert {k: again[k] for k in ("acc1", "kl_sim", "agreement_sim", "bytes", "fused")} == {
+        k: before[k] for k in ("acc1", "kl_sim", "agreement_sim", "bytes", "fused")}
+    assert out.getvalue().startswith(f"qdq acc1={before['acc1']:.2f}")
+
+
+def test_qdq_cli_takes_a_float_backend_run_and_refuses_bad_use(run_cli, tmp_path: Path) -> None:
+    """An fp-backend run has no integer program, but its QDQ model is written and measured afterwards."""
+    res = run_cli("debug=quick")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    assert "qdq" not in json.loads((run / "metrics.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert verify_main(["--format", "qdq", str(run), "--images", "64"]) == 0  # a prefix: measured, not recorded
+        assert "qdq" not in json.loads((run / "metrics.json").read_text())
+        assert verify_main(["--format", "qdq", str(run)]) == 0
+        assert verify_main([str(run)]) == 2  # the integer format still refuses an fp run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["qdq"]["n"] == metrics["n_eval"] and abs(metrics["qdq"]["acc1"] - metrics["acc1"]) < 3.0
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()):
+        verify_main(["--format", "qdq", "--runs", str(tmp_path)])
+    assert exc.value.code == 2

@@ -31,6 +31,7 @@ from ptq.bench.timing import _median
 from ptq.calib import calibrate
 from ptq.intexec.artefact import THREADS, session
 from ptq.intexec.build import build_onnx
+from ptq.intexec.variants import int8_weights, u8s8_exact
 from ptq.models.families import describe
 from ptq.quant.models import quantize_model
 from ptq.quant.nonlinear import Backend
@@ -101,10 +102,19 @@ def static_onnx(float_model: bytes, calib: Tensor, calib_batch: int) -> bytes:
 
 def export_all(model: VisionTransformer, calib: Tensor, size: int, calib_batch: int,
                out: Path | None = None) -> dict[str, bytes]:
-    """float, int_w8a8, int_w4a8, qdq_w8a8 and static_w8a8 serialized models (also written to ``out``)."""
+    """float, int_w8a8, int_w4a8, qdq_w8a8 and static_w8a8 serialized models (also written to ``out``).
+
+    ``int_*`` is the integer file a deployer's loader picks on this CPU (``ptq.intexec.artefact.pick``):
+    ``model_vnni.onnx`` where the uint8 x int8 kernel is exact, and then ``int_w8a8_portable`` (the
+    portable ``model.onnx``) is timed beside it.
+    """
     models = {"float": float_onnx(model, size)}
+    fast = u8s8_exact()
     for name, wbits in INT_MODELS.items():
-        models[name] = int_onnx(model, calib, wbits, calib_batch)
+        portable = int_onnx(model, calib, wbits, calib_batch)
+        models[name] = int8_weights(onnx.load_from_string(portable))[0].SerializeToString() if fast else portable
+        if fast and wbits == 8:
+            models[f"{name}_portable"] = portable
     models["qdq_w8a8"] = qdq_onnx(model, calib, calib_batch)
     models["static_w8a8"] = static_onnx(models["float"], calib, calib_batch)
     if out is not None:
@@ -144,6 +154,7 @@ def bench_ort(models: dict[str, bytes], images: Tensor, batch: int, repeats: int
             times[k]["b1"] += [_run(sess, x_1) for _ in range(b1_runs)]
             times[k]["batch"].append(_run(sess, x_b))
     res: dict[str, Any] = {"threads": threads, "batch": batch, "repeats": repeats, "b1_runs_per_round": b1_runs,
+                           "b1_warm_s": max(warm.values()),
                            "runtime": ort.__version__,
                            "bytes": {k: len(v) for k, v in models.items()}, "models": {}}
     for k, t in times.items():
@@ -152,12 +163,16 @@ def bench_ort(models: dict[str, bytes], images: Tensor, batch: int, repeats: int
                             "img_per_s": round(batch / bb, 1)}
     f = res["models"]["float"]
     res["ratios"] = {}
-    for k in (*INT_MODELS, *QDQ_MODELS):
-        if k not in res["models"]:
+    for k in res["models"]:
+        if k == "float":
             continue
         m = res["models"][k]
         res["ratios"][f"ort_{k}"] = round(m["batch_ms"] / f["batch_ms"], 3)
         res["ratios"][f"ort_{k}_b1"] = round(m["b1_ms"] / f["b1_ms"], 3)
+    if {"qdq_w8a8", "static_w8a8"} <= res["models"].keys():  # ptq's QDQ model against onnxruntime's own
+        q, st = res["models"]["qdq_w8a8"], res["models"]["static_w8a8"]
+        res["ratios"]["qdq_vs_static"] = round(q["batch_ms"] / st["batch_ms"], 3)
+        res["ratios"]["qdq_vs_static_b1"] = round(q["b1_ms"] / st["b1_ms"], 3)
     return res
 
 
@@ -206,7 +221,14 @@ ORT_PLANS = {  # model -> (throughput batch, timed rounds, calibration images); 
     ("tiny", False): (256, 7, 256), ("tiny", True): (64, 3, 64),
     ("vit_b_16", False): (8, 3, 16), ("vit_b_16", True): (2, 1, 4),
 }
-ORT_TARGETS = {("vit_b_16", "ort_int_w8a8_b1"): 0.45, ("vit_b_16", "ort_int_w8a8"): 0.5, ("tiny", "ort_int_w8a8"): 1.0}
+def ort_targets(name: str, vnni: bool) -> dict[str, float]:
+    """Issue 38's targets for ``name``: vit_b_16 W8A8 at most float's time where the uint8 x int8 kernel is
+    exact (VNNI / AMX), 1.2x where it is not; ptq's QDQ model within 5 % of ``quantize_static``'s."""
+    out = {"qdq_vs_static": 1.05, "qdq_vs_static_b1": 1.05}
+    if name == "vit_b_16":
+        cap = 1.0 if vnni else 1.2
+        out |= {"ort_int_w8a8_b1": cap, "ort_int_w8a8": cap}
+    return out
 
 
 def top1_on_digits(models: dict[str, bytes], size: int) -> dict[str, float]:
@@ -240,12 +262,23 @@ def run_onnx_bench(names: list[str], quick: bool, out_dir: Path | None = None) -
         if name == "tiny":  # real data: the accuracy each deployment keeps, on the same 2396 images
             res["top1"] = top1_on_digits(models, size)
         res["model"] = meta | {"name": name, "layers": arch["num_layers"], "hidden_dim": arch["hidden_dim"]}
-        res["targets"] = {k: v for (m, k), v in ORT_TARGETS.items() if m == name}
+        res["int_variant"] = "vnni" if u8s8_exact() else "portable"
+        res["targets"] = ort_targets(name, u8s8_exact())
         res["targets_met"] = {k: bool(res["ratios"][k] <= v) for k, v in res["targets"].items()}
         result["models"][name] = res
         log.info("%s: %s", name, res["ratios"])
     result["ratios_by_model"] = {k: v["ratios"] for k, v in result["models"].items()}
     return result
+
+
+def _target_row(target: str) -> str:
+    """The table row a target belongs to: ``ort_int_w8a8_b1`` -> ``int_w8a8``, ``qdq_vs_static`` -> ``qdq_w8a8``."""
+    return "qdq_w8a8" if target.startswith("qdq_vs_static") else target.removeprefix("ort_").removesuffix("_b1")
+
+
+def _target_label(target: str) -> str:
+    batch = "batch 1" if target.endswith("_b1") else "batch N"
+    return f"vs static_w8a8, {batch}," if target.startswith("qdq_vs_static") else f"{batch}:"
 
 
 def onnx_table(result: dict[str, Any]) -> str:
@@ -258,8 +291,8 @@ def onnx_table(result: dict[str, Any]) -> str:
             r = res["ratios"]
             b1 = f"{r[f'ort_{key}_b1']:.2f}x" if key != "float" else ""
             bn = f"{r[f'ort_{key}']:.2f}x" if key != "float" else ""
-            tgt = ", ".join(f"{k.removeprefix('ort_')} <= {v:g}: {'met' if res['targets_met'][k] else 'not met'}"
-                            for k, v in res["targets"].items() if key != "float" and k.startswith(f"ort_{key}"))
+            tgt = ", ".join(f"{_target_label(k)} {r[k]:.2f}x <= {v:g}: {'met' if res['targets_met'][k] else 'not met'}"
+                            for k, v in res["targets"].items() if _target_row(k) == key)
             rows.append(f"| {name} (batch N = {res['batch']}) | {key} | {m['b1_ms']:.1f} | {m['batch_ms']:.1f} | "
                         f"{m['img_per_s']:.1f} | {res['bytes'][key] / 1e6:.2f} MB | {b1} | {bn} | {tgt} |")
     return "\n".join(rows)

@@ -4,7 +4,10 @@
 
 * ``model.onnx``: the integer-only ViT (``ptq.intexec.build``), a standard ONNX model that
   onnxruntime runs with only ``numpy`` beside it;
-* ``manifest.json``: its sha256 (checked before every use, so a damaged file is refused
+* ``model_vnni.onnx``: the same program with INT8 weights as int8, for CPUs whose uint8 x int8
+  kernel is exact (``ptq.intexec.variants``; guarded: NaN logits elsewhere). :func:`pick` gives
+  the file this CPU should run;
+* ``manifest.json``: their sha256 (checked before every use, so a damaged file is refused
   instead of verified), the onnxruntime version it was verified with, and the declared width
   and role of every named integer value (what ``widths.json`` is measured against);
 * ``widths.json``: the largest integers each value reached on the eval set (``ptq.intexec.widths``).
@@ -39,16 +42,28 @@ def runtime() -> str:
     return f"onnxruntime {ort.__version__}"
 
 
-def save_model(model: onnx.ModelProto, decl: dict[str, Any], out_dir: Path | str) -> Path:
-    """Write ``model.onnx`` then ``manifest.json`` (both atomically; the manifest last, so a crash in
-    between leaves a model whose checksum is missing: refused, not trusted). Returns the model's path."""
+VARIANT_FILES = {"vnni": "model_vnni.onnx"}
+VARIANT_NEEDS = {"vnni": "a CPU whose onnxruntime uint8 x int8 kernel is exact (AVX-512 VNNI, AVX-VNNI, AMX, ARM); "
+                         "elsewhere its outputs are NaN / INT32_MIN"}
+
+
+def _write(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
+    return {"model": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def save_model(model: onnx.ModelProto, decl: dict[str, Any], out_dir: Path | str,
+               variants: dict[str, onnx.ModelProto] | None = None) -> Path:
+    """Write ``model.onnx`` (and each variant's file) then ``manifest.json`` (all atomically; the manifest
+    last, so a crash in between leaves a model whose checksum is missing: refused, not trusted).
+    Returns the portable model's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILE
-    with atomic_path(path) as tmp:
-        onnx.save_model(model, str(tmp))
-    manifest = {"model": MODEL_FILE, "sha256": file_sha256(path), "bytes": path.stat().st_size,
-                "runtime": runtime(), "values": decl["values"], "constants": decl["constants"]}
+    manifest = {**_write(model, path), "runtime": runtime(), "values": decl["values"], "constants": decl["constants"],
+                "variants": {k: {**_write(v, out / VARIANT_FILES[k]), "needs": VARIANT_NEEDS[k]}
+                             for k, v in (variants or {}).items()}}
     with atomic_path(out / MANIFEST_FILE) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
     log.info("integer ONNX model (%d nodes, %.1f kB) written to %s", len(model.graph.node),
@@ -67,11 +82,29 @@ def load_manifest(art_dir: Path | str) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtefactError(f"{d / MANIFEST_FILE}: unreadable ({exc.__class__.__name__}); "
                             "rerun with --reexport to write the model again") from exc
-    digest = file_sha256(path)
-    if digest != manifest.get("sha256"):
-        raise ArtefactError(f"{path}: damaged (sha256 {digest[:12]}... is not the exported "
-                            f"{str(manifest.get('sha256'))[:12]}...); rerun with --reexport to write it again")
+    for entry in [manifest, *manifest.get("variants", {}).values()]:
+        _check_file(d / entry["model"], entry.get("sha256"))
     return manifest
+
+
+def _check_file(path: Path, sha256: str | None) -> None:
+    if not path.is_file():
+        raise ArtefactError(f"{path}: missing; rerun with --reexport to write it")
+    digest = file_sha256(path)
+    if digest != sha256:
+        raise ArtefactError(f"{path}: damaged (sha256 {digest[:12]}... is not the exported "
+                            f"{str(sha256)[:12]}...); rerun with --reexport to write it again")
+
+
+def pick(art_dir: Path | str) -> Path:
+    """The file this CPU should run: ``model_vnni.onnx`` where its uint8 x int8 kernel is exact and the
+    artefact has one, else the portable ``model.onnx`` (both checked against the manifest first)."""
+    from ptq.intexec.variants import u8s8_exact
+
+    d = Path(art_dir)
+    manifest = load_manifest(d)
+    fast = manifest.get("variants", {}).get("vnni")
+    return d / fast["model"] if fast and u8s8_exact() else d / MODEL_FILE
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

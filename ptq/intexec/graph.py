@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 from torch import Tensor
 
 from ptq.intexec import kernels
 from ptq.intexec import requant as rq
-from ptq.intexec.kernels import I32, I64, IR_VERSION, OPSET, Emitter
+from ptq.intexec.kernels import I32, I64, Emitter
 from ptq.quant.qtensor import INT32_MAX
 from ptq.quant.symbolic import Sym
 
@@ -56,6 +56,7 @@ class OnnxGraph:
         self._tables: dict[str, tuple[np.ndarray, str]] = {}  # value -> (table, index) of a table Gather's output
         self._u8: dict[str, str] = {}  # 8-bit activation -> its uint8 twin (value + 128), made where it is cheap
         self._halved: dict[str, tuple[str, np.ndarray, int]] = {}  # I-LayerNorm output -> (d * f, bias, bound)
+        self._biased: dict[str, tuple] = {}  # int32 linear accumulator -> (product, bias, shape, bound, kind)
 
     # -- values ----------------------------------------------------------------------------------
     def input(self, name: str, shape: tuple[int, ...]) -> Sym:
@@ -125,17 +126,21 @@ class OnnxGraph:
         ln = self._halved.get(x.name) if to_u8 else None
         fold = rq.halved_offset(ln[2], ln[1], m64, e64, max(-lo, hi)) if ln else None  # I-LayerNorm's halving, bias
         saturate = max(-lo, hi) if clamp else saturate
-        if fold is None:  # the fold clips I-LayerNorm's d * f itself
+        whole = self._whole_range(x, m64, e64) if to_u8 and fold is None else None
+        if whole is not None:  # exact over the whole range: no saturating clip, the bias in the constant
+            src, bias, m64, e64, k_whole = whole
+        elif fold is None:  # the fold clips I-LayerNorm's d * f itself
             sat = rq.saturating_bound(m64, e64, saturate) if saturate is not None else bound
             if sat < bound:  # |q| >= sat clamps to lo / hi in every channel, as q = +-sat does
                 src_np = np.int32 if src_dt == "int32" else np.int64
                 src = em.op("Clip", [src, em.const(src_np(-sat), src_np), em.const(src_np(sat), src_np)])
                 bound = sat
             m64, e64 = rq.quiet(bound, m64, e64)
-        k_u8 = fold[1] if fold else rq.shifted_offset(bound, m64, e64) if to_u8 else None
+        k_u8 = fold[1] if fold else k_whole if whole else rq.shifted_offset(bound, m64, e64) if to_u8 else None
         if k_u8 is not None:  # the floor, then the value and its uint8 twin from it
             k = np.array(k_u8, dtype=np.int64)
-            fl = rq.halved_floor(em, ln[0], ln[1], *fold) if fold else rq.offset_floor(em, src, m64, e64, k)
+            fl = rq.halved_floor(em, ln[0], ln[1], *fold) if fold else \
+                rq.offset_floor(em, src, m64, e64, k, bias if whole else None)
             twin = rq.u8_of_floor(em, fl, k_u8, lo, hi)
             y, dt = rq.unoffset(em, fl, k)
         else:
@@ -152,6 +157,24 @@ class OnnxGraph:
         y = em.op("Identity", [y], out=name)
         b = rq.result_bound(bound, m64, e64)
         return self._out(y, x.shape, dt, -b, b, kind="operand", bits=ACC_BITS, signed=True)
+
+    def _whole_range(self, x: Sym, m64: np.ndarray, e64: np.ndarray) -> tuple | None:
+        """``(source, bias, m, e, K)`` where the offset spelling is exact over ``x``'s whole range, else None.
+
+        Then the saturating Clip is not needed (the uint8 twin's Clip saturates), and a linear's bias
+        folds into the offset constant: ``(p + b) * m + c = p * m + (b * m + c)`` modulo 2**64, the
+        int32 ``Add`` is not read. Two int32 passes fewer per requantization.
+        """
+        m_q, e_q = rq.quiet(x.bound, m64, e64)
+        k = rq.shifted_offset(x.bound, m_q, e_q)
+        if k is None:
+            return None
+        if x.name not in self._biased:
+            return x.name, None, m_q, e_q, k
+        product, bias, shape, bound, kind = self._biased[x.name]
+        # the int32 tensor the model now holds is the product: the widths report measures it
+        self._out(product, shape, "int32", -bound, bound, kind="accumulator", bits=ACC_BITS, signed=True, matmul=kind)
+        return product, bias, m_q, e_q, k
 
     def _requantized_table(self, x: Sym, m: Tensor, e: Tensor, lo: int, hi: int, name: str) -> Sym:
         """A per-tensor requantization of a table ``Gather``'s output, folded into the table: one ``Gather``.
@@ -236,11 +259,15 @@ class OnnxGraph:
             return em.op("Cast", [shifted], to=TensorProto.UINT8), em.const(np.uint8(128), np.uint8, hint="zp")
         return None
 
+    def u8_name(self, value: str) -> str | None:
+        """The uint8 twin's name of a named value, if it has one."""
+        return self._u8.get(value)
+
     def u8_twin(self, x: Sym) -> str | None:
         """The uint8 twin of an 8-bit activation (``x + 128``, zero point 128) where its requantization
         made one: ``MatMulInteger`` reads it, and ``x``'s own int32 nodes stay only where something
         else does (a debug export)."""
-        return self._u8.get(x.name)
+        return self.u8_name(x.name)
 
     def _matmul(self, a: Sym, b: Sym | np.ndarray, k: int, b_abs: int) -> tuple[str, int, str]:
         """Integer ``a @ b`` (``b`` an activation or an integer weight array [K, N]); (name, bound, dtype)."""
@@ -274,9 +301,14 @@ class OnnxGraph:
                 acc, dt = self._cast(acc, I64), "int64"
             bc = self._const_int(name.removesuffix(".acc") + ".bias", bi, np.int32 if dt == "int32" else np.int64,
                                  "bias")
-            acc = self.em.op("Add", [acc, bc])
+            product = acc
+            if dt == "int32":  # named: an INT8 requantization next may take the bias into its constant
+                product = self.em.nodes[-1].output[0] = self.em.fresh(name.removesuffix(".acc") + ".product")
+            acc = self.em.op("Add", [product, bc])
         acc = self.em.op("Identity", [acc], out=name)
         shape = (*x.shape[:-1], wi.shape[0])
+        if b is not None and dt == "int32":
+            self._biased[acc] = (product, bi, shape, bound - int(np.abs(bi).max()), kind)
         return self._out(acc, shape, dt, -bound, bound, kind="accumulator", bits=ACC_BITS, signed=True, matmul=kind)
 
     def matmul(self, a: Sym, b: Sym, name: str, kind: str) -> Sym:
@@ -359,42 +391,10 @@ class OnnxGraph:
         sc = self.em.const(s.detach().cpu().float().numpy(), np.float32, hint="out_scale")
         return Sym(self, self.em.op("Mul", [x.name, sc]), x.shape, "float32", 0, 0)
 
-    # -- the model ------------------------------------------------------------------------------
-    def _live(self, nodes: list[onnx.NodeProto], needed: list[str]) -> list[onnx.NodeProto]:
-        """The nodes that ``needed`` values depend on, in order; named values no node produces any
-        more (a table Gather's output folded into the next one) leave :attr:`values` too, unless
-        their uint8 twin carries them (an activation only ``MatMulInteger`` reads)."""
-        want, keep = set(needed), []
-        for node in reversed(nodes):
-            if any(o in want for o in node.output):
-                keep.append(node)
-                want.update(node.input)
-        keep.reverse()
-        produced = {o for n in keep for o in n.output}
-        for name in [v for v in self.values if v not in produced and self._u8.get(v) not in produced]:
-            del self.values[name]
-            self.named.pop(name, None)
-        return keep
-
     def model(self, image: Sym, outputs: dict[str, Sym], extra: list[str] = (), doc: str = "",
               metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-        """The ONNX model: ``image`` in, ``outputs`` (name -> value) out, plus the named values in ``extra``."""
-        em = self.em
-        nodes = self._live(em.nodes, [s.name for s in outputs.values()] + list(extra))
-        outs = []
-        for out_name, sym in outputs.items():
-            nodes.append(helper.make_node("Identity", [sym.name], [out_name], name=f"out.{out_name}"))
-            outs.append(helper.make_tensor_value_info(out_name, _ELEM[sym.dtype], ["N", *sym.shape[1:]]))
-        for name in extra:
-            sym = self.named[name]
-            outs.append(helper.make_tensor_value_info(name, _ELEM[sym.dtype], ["N", *sym.shape[1:]]))
-        inp = helper.make_tensor_value_info(image.name, TensorProto.FLOAT, ["N", *image.shape[1:]])
-        used = {i for n in nodes for i in n.input}
-        graph = helper.make_graph(nodes, "ptq_integer_vit", [inp], outs,
-                                  initializer=[t for k, t in em.inits.items() if k in used])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ptq",
-                                  doc_string=doc)
-        model.ir_version = IR_VERSION
-        for k, v in (metadata or {}).items():
-            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-        return model
+        """The ONNX model: ``image`` in, ``outputs`` (name -> value) out, plus the named values in ``extra``
+        (``ptq.intexec.assemble``)."""
+        from ptq.intexec.assemble import assemble
+
+        return assemble(self, image, outputs, list(extra), doc, metadata)

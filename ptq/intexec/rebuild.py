@@ -73,7 +73,7 @@ def save_run_state(qmodel: QuantModel, cfg: Any, run_dir: Path | str, q_logits: 
     return path
 
 
-def _check_run_dir(run_dir: Path) -> None:
+def _check_run_dir(run_dir: Path, integer: bool = True) -> None:
     """NotVerifiable unless ``run_dir`` is a finished run (metrics.json may be absent: a bare state file)."""
     if not run_dir.is_dir():
         raise NotVerifiable(f"{run_dir} is not a directory; pass a run dir (outputs/<date>/<time>)")
@@ -92,7 +92,7 @@ def _check_run_dir(run_dir: Path) -> None:
     if state == "running":
         raise NotVerifiable(f"{run_dir}: the run is still running; verify it once it has finished")
     row = metrics.get("row") or {}
-    if row.get("nonlinear") == "fp":
+    if integer and row.get("nonlinear") == "fp":
         raise NotVerifiable(f"{run_dir}: a nonlinear=fp run has no integer program (float Softmax/GELU/LayerNorm); "
                             "only nonlinear=ivit runs can be verified")
 
@@ -114,10 +114,13 @@ def _check_sum(path: Path, run_dir: Path) -> None:
         raise NotVerifiable(f"{path} is damaged (its SHA-256 differs from {sums.name}); {_rewrite_hint(run_dir)}")
 
 
-def load_run_model(run_dir: Path | str) -> tuple[QuantModel, DictConfig, dict[str, Any]]:
-    """The run's ``QuantModel`` (CPU, quant mode), its config and its logits fingerprint; NotVerifiable if none."""
+def load_run_model(run_dir: Path | str, integer: bool = True) -> tuple[QuantModel, DictConfig, dict[str, Any]]:
+    """The run's ``QuantModel`` (CPU, quant mode), its config and its logits fingerprint; NotVerifiable if none.
+
+    ``integer``: only a ``nonlinear=ivit`` run has an integer program; the QDQ export takes any run.
+    """
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir)
+    _check_run_dir(run_dir, integer)
     path = run_dir / QUANT_STATE_FILE
     if not path.is_file():
         raise NotVerifiable(f"{path} not found: the run predates quant_state.pt or quantized nothing; rerun its "
@@ -129,7 +132,7 @@ def load_run_model(run_dir: Path | str) -> tuple[QuantModel, DictConfig, dict[st
         raise NotVerifiable(f"{path}: unreadable ({type(exc).__name__}); {_rewrite_hint(run_dir)}") from None
     # the schema's defaults under the saved config: a run from before a key existed ran with its default
     cfg = OmegaConf.merge(OmegaConf.structured(Config), obj["config"])
-    if cfg.nonlinear.name != "ivit":
+    if integer and cfg.nonlinear.name != "ivit":
         raise NotVerifiable(f"{run_dir}: nonlinear={cfg.nonlinear.name} has no integer program; only "
                             "nonlinear=ivit runs can be verified")
     seed_everything(int(cfg.seed))  # as the pipeline did before loading: a randomly initialised model is the same

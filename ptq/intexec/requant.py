@@ -116,15 +116,20 @@ def shifted_offset(bound: int, m64: np.ndarray, e64: np.ndarray) -> int | None:
     return k if _fits(bound, m64, e64, np.array(k)) else None
 
 
-def offset_floor(em: Emitter, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray) -> str:
+def offset_floor(em: Emitter, q: str, m64: np.ndarray, e64: np.ndarray, k_off: np.ndarray,
+                 bias: np.ndarray | None = None) -> str:
     """``floor((q * m + 2**(e-1) + K * 2**e) / 2**e)`` in uint64: ``round(q * m / 2**e) + K`` (see :func:`offset`).
 
     ``q * m`` is formed modulo 2**64 (q cast to uint64 is its two's complement); the offset makes
     the true numerator non-negative and below 2**64, so the modular sum is the numerator itself
     and its logical right shift is the floor. Half up equals half to even because no tie occurs.
+    ``bias`` (per channel): ``q`` is ``p + bias`` and ``p`` is given, ``bias * m`` joins the constant.
     """
-    k_b = np.broadcast_to(k_off, m64.shape)
-    offs = [(1 << (int(k) - 1)) + int(c) * (1 << int(k)) for k, c in zip(e64, k_b, strict=True)]
+    n = m64.size if bias is None else max(m64.size, bias.size)
+    m_b, e_b, k_b = (np.broadcast_to(v, (n,)) for v in (m64, e64, k_off))
+    b_b = np.broadcast_to(np.zeros(1, np.int64) if bias is None else bias.reshape(-1), (n,))
+    offs = [(int(b) * int(m) + (1 << (int(k) - 1)) + int(c) * (1 << int(k))) % (1 << 64)
+            for b, m, k, c in zip(b_b, m_b, e_b, k_b, strict=True)]
     return _mul_add_shift(em, em.op("Cast", [q], to=TensorProto.UINT64), m64, e64, shape_k(np.array(offs, dtype=object)))
 
 

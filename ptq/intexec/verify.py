@@ -33,6 +33,7 @@ from ptq.intexec.artefact import MODEL_FILE, ArtefactError
 from ptq.intexec.build import HEAD_ACC, INPUT, OUTPUT, OUTPUT_INT, build_onnx
 from ptq.intexec.rebuild import NotReproduced, NotVerifiable, check_fingerprint, load_run_model
 from ptq.intexec.simcheck import capture, simulate
+from ptq.intexec.variants import int8_weights, u8s8_exact
 from ptq.intexec.widths import WidthRecorder
 from ptq.quant.vit import QuantModel
 from ptq.rundir import find_run_dirs
@@ -119,17 +120,37 @@ def diff_trace(qmodel: QuantModel, debug: Any, image: Tensor) -> list[dict[str, 
     return rows
 
 
+def _agrees(sess: Any, feed: dict[str, np.ndarray], acc_sim: Tensor, logits_sim: Tensor) -> Tensor:
+    """Per image: the session's ``logits_int`` and ``logits`` equal the simulation's, bit for bit."""
+    logits, acc = sess.run([OUTPUT, OUTPUT_INT], feed)
+    return (torch.from_numpy(acc).to(torch.int64) == acc_sim).all(-1) & _same_bits(torch.from_numpy(logits),
+                                                                                  logits_sim)
+
+
+def _guarded(sess: Any, feed: dict[str, np.ndarray]) -> bool:
+    """A variant this CPU cannot run exactly says so: every logit NaN, every integer logit INT32_MIN."""
+    logits, acc = sess.run([OUTPUT, OUTPUT_INT], feed)
+    return bool(np.isnan(logits).all() and (acc == np.iinfo(np.int32).min).all())
+
+
 def verify_program(qmodel: QuantModel, model: onnx.ModelProto, decl: dict[str, Any], images: Images,
-                   batch_size: int = BATCH_SIZE, keep_logits: bool = False) -> dict[str, Any]:
+                   batch_size: int = BATCH_SIZE, keep_logits: bool = False,
+                   variants: dict[str, onnx.ModelProto] | None = None) -> dict[str, Any]:
     """Run the simulation and the ONNX model (onnxruntime) on every image; count images whose outputs differ.
 
     An image mismatches when ``logits_int`` (exact integers) or ``logits`` (float32, bit for bit
-    after the identical dequantization) differ. The widths report comes from the same model with
+    after the identical dequantization) differ, in the model or in any of its ``variants`` this
+    CPU runs exactly (``ptq.intexec.variants.u8s8_exact``); a variant it cannot run must flag
+    every output instead (its guard). The widths report comes from the same model with
     its named integer values (``decl``) exposed as outputs, run on the first ``WIDTH_IMAGES``
     images; on a mismatch that copy also names the first diverging tensors.
     """
     sess = artefact.session(model.SerializeToString())
     debug = artefact.session(artefact.with_outputs(model, list(decl["values"])).SerializeToString())
+    fast = {k: artefact.session(v.SerializeToString()) for k, v in (variants or {}).items()}
+    runnable = u8s8_exact()
+    fast_bad = dict.fromkeys(fast, 0)
+    guarded: dict[str, bool] = {}
     names = [o.name for o in debug.get_outputs()]
     rec = WidthRecorder(decl)
     n = bad = 0
@@ -140,12 +161,17 @@ def verify_program(qmodel: QuantModel, model: onnx.ModelProto, decl: dict[str, A
         if keep_logits:
             sim_logits.append(logits_sim)
         feed = _feed(x)
-        logits, acc = sess.run([OUTPUT, OUTPUT_INT], feed)
-        ok = (torch.from_numpy(acc).to(torch.int64) == acc_sim).all(-1) & _same_bits(torch.from_numpy(logits),
-                                                                                       logits_sim)
+        ok = _agrees(sess, feed, acc_sim, logits_sim)
+        for k, fs in fast.items():
+            if runnable:
+                fok = _agrees(fs, feed, acc_sim, logits_sim)
+                fast_bad[k] += int((~fok).sum())
+                ok = ok & fok
+            elif k not in guarded:  # one batch shows the guard
+                guarded[k] = _guarded(fs, feed)
         if rec.images < WIDTH_IMAGES:  # the debug copy costs a second pass: ranges from the first images
             named = dict(zip(names, debug.run(None, feed), strict=True))
-            rec.update({**named, HEAD_ACC: acc}, int(x.shape[0]))
+            rec.update({**named, HEAD_ACC: named[OUTPUT_INT]}, int(x.shape[0]))
         n += int(ok.numel())
         bad += int((~ok).sum())
         if first_bad is None and not bool(ok.all()):
@@ -153,7 +179,15 @@ def verify_program(qmodel: QuantModel, model: onnx.ModelProto, decl: dict[str, A
     if first_bad is not None:
         rows = [r for r in diff_trace(qmodel, debug, first_bad) if r["differ"]]
         log.error("the ONNX model differs from the simulation; first diverging tensors: %s", rows[:5])
-    res = {"exact": bad == 0, "mismatches": bad, "n": n, "runtime": artefact.runtime(), "widths": rec.report()}
+    report = {k: {"runnable": True, "mismatches": fast_bad[k], "n": n} if runnable else
+              {"runnable": False, "guarded": guarded.get(k, False)} for k in fast}
+    for k, r in report.items():
+        if not r["runnable"]:
+            log.info("%s variant not run: this CPU's uint8 x int8 kernel saturates; its guard %s", k,
+                     "flags every output (as it must)" if r["guarded"] else "DID NOT FIRE")
+    exact = bad == 0 and all(r["runnable"] or r["guarded"] for r in report.values())
+    res = {"exact": exact, "mismatches": bad, "n": n, "runtime": artefact.runtime(), "widths": rec.report(),
+           "variants": report}
     if keep_logits:  # the simulated logits (``verify_run`` checks them against the run's fingerprint)
         res["logits"] = torch.cat(sim_logits) if sim_logits else torch.empty(0)
     return res
@@ -179,19 +213,29 @@ def export(qmodel: QuantModel, cfg: Any, art: Path) -> tuple[onnx.ModelProto, di
     """Build the run's integer ONNX model, write it (with its manifest) into ``art``; returns it and its declarations."""
     meta = {"config": OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg}
     model, decl = build_onnx(qmodel, input_spec_of(cfg), meta)
-    artefact.save_model(model, decl, art)
+    fast, rewritten = int8_weights(model)
+    log.info("model_vnni.onnx: %d uint8 weight(s) stored int8 for uint8 x int8 kernels", rewritten)
+    artefact.save_model(model, decl, art, {"vnni": fast})
     return model, decl
 
 
-def load(art: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """``art/model.onnx`` after its checksum (ArtefactError when damaged or unreadable), and its declarations."""
-    manifest = artefact.load_manifest(art)
+def _read(path: Path) -> onnx.ModelProto:
     try:
-        model = onnx.load(str(art / MODEL_FILE))
+        return onnx.load(str(path))
     except Exception as exc:  # protobuf decode errors
-        raise ArtefactError(f"{art / MODEL_FILE}: not an ONNX model ({exc.__class__.__name__}); "
+        raise ArtefactError(f"{path}: not an ONNX model ({exc.__class__.__name__}); "
                             "rerun with --reexport to write it again") from exc
-    return model, manifest
+
+
+def load(art: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """``art/model.onnx`` after its checksum (ArtefactError when damaged or unreadable), and its manifest."""
+    manifest = artefact.load_manifest(art)
+    return _read(art / MODEL_FILE), manifest
+
+
+def load_variants(art: Path, manifest: dict[str, Any]) -> dict[str, onnx.ModelProto]:
+    """The artefact's variant files (``model_vnni.onnx``), checked by :func:`load` already."""
+    return {k: _read(art / v["model"]) for k, v in manifest.get("variants", {}).items()}
 
 
 def export_and_verify(qmodel: QuantModel, cfg: Any, run_dir: Path | str, images: Images,
@@ -204,11 +248,12 @@ def export_and_verify(qmodel: QuantModel, cfg: Any, run_dir: Path | str, images:
     art = Path(run_dir) / ARTEFACT_DIR
     export(qmodel, cfg, art)
     model, manifest = load(art)  # what was written, read back
-    res = verify_program(qmodel, model, manifest, images, batch_size)
+    res = verify_program(qmodel, model, manifest, images, batch_size, variants=load_variants(art, manifest))
     _write_widths(art, res["widths"])
     log.info("ONNX model on %s vs simulation: mismatches=%d/%d", res["runtime"], res["mismatches"], res["n"])
     return {"exact": res["exact"], "mismatches": res["mismatches"], "n": res["n"], "runtime": res["runtime"],
-            "artefact": str(art / MODEL_FILE), "bytes": manifest["bytes"], "widths": res["widths"]["summary"]}
+            "artefact": str(art / MODEL_FILE), "bytes": manifest["bytes"], "widths": res["widths"]["summary"],
+            "variants": res["variants"]}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -235,7 +280,8 @@ def verify_run(run_dir: Path, out: Path | None = None, reexport: bool = False, i
             model, decl = load(art)
         else:
             model, decl = build_onnx(qmodel, input_spec_of(cfg))
-    res = verify_program(qmodel, model, decl, eval_images(cfg, images), batch_size, keep_logits=True)
+    fast = load_variants(art, decl) if write or existing else {"vnni": int8_weights(model)[0]}
+    res = verify_program(qmodel, model, decl, eval_images(cfg, images), batch_size, keep_logits=True, variants=fast)
     check_fingerprint(res.pop("logits"), check, run_dir)
     if write:
         _write_widths(art, res["widths"])
@@ -275,6 +321,19 @@ def _verify_all(top: Path, batch_size: int) -> int:
     return 0 if verified else 2
 
 
+def _qdq_main(run_dir: Path, images: int | None, batch_size: int) -> int:
+    from ptq.intexec.qdq import qdq_run
+
+    try:
+        rec = qdq_run(run_dir, images, batch_size)
+    except (NotVerifiable, ArtefactError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"qdq acc1={rec['acc1']:.2f}  agree_sim={rec['agreement_sim']:.2f}  kl_sim={rec['kl_sim']:.4g}  "
+          f"n={rec['n']}  {rec['artefact']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m ptq.intexec RUN_DIR`` or ``--runs DIR``: export (unless present) and verify; 0 only when exact."""
     ap = argparse.ArgumentParser(prog="python -m ptq.intexec", description=__doc__.split("\n\n")[0])
@@ -284,12 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reexport", action="store_true", help="export model.onnx again even if one exists")
     ap.add_argument("--images", type=int, default=None, help="check only the first N eval images")
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    ap.add_argument("--format", choices=("integer", "qdq"), default="integer",
+                    help="integer: the integer-only model, verified bit for bit (default); qdq: the run's QDQ model "
+                         "for onnxruntime's quantized kernels, written to RUN_DIR/qdq and measured (any run)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if (args.run_dir is None) == (args.runs is None):
         ap.error("give one run dir, or --runs DIR")
     if args.images is not None and args.images < 1:
         ap.error(f"--images must be at least 1, got {args.images}")
+    if args.format == "qdq":
+        if args.run_dir is None or args.out is not None or args.reexport:
+            ap.error("--format qdq takes one run dir (no --runs, --out or --reexport)")
+        return _qdq_main(args.run_dir, args.images, args.batch_size)
     if args.runs is not None:
         return _verify_all(args.runs, args.batch_size)
     try:
