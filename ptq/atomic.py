@@ -1,7 +1,7 @@
 """Atomic file writes: a reader (or a crashed run's rerun) sees the old file or the new one, never half of one.
 
 Also the one rewrite of a generated block between marker lines of a Markdown file (the README's
-results and Performance blocks).
+results block, the docs pages' blocks), and the one record of which page each block lives on.
 """
 
 from __future__ import annotations
@@ -23,6 +23,42 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Which page (a path from the repository root) holds each generated block: the default page of every
+# writer (``ptq.table --write``, ``ptq.bench --write``, ``scripts/fullsize_check.py --write``).
+BLOCK_PAGES: dict[str, str] = {
+    "results": "README.md",
+    "models": "docs/results.md",
+    "spread": "docs/results.md",
+    "ablation": "docs/results.md",
+    "recon": "docs/results.md",
+    "recon_spread": "docs/results.md",
+    "rounding_lr": "docs/sweeps.md",
+    "granularity": "docs/sweeps.md",
+    "adaround_spec": "docs/sweeps.md",
+    "onnx": "docs/deployment.md",
+    "perf": "docs/benchmarks.md",
+    "fullsize": "docs/fullsize.md",
+    "fullsize_deit": "docs/fullsize.md",
+    "fullsize_swin": "docs/fullsize.md",
+}
+
+
+def block_page(block: str) -> Path:
+    """The page ``block`` lives on (``BLOCK_PAGES``, relative to the repository root, where commands run);
+    ValueError naming the known blocks for any other name."""
+    if block not in BLOCK_PAGES:
+        raise ValueError(f"block {block!r} has no page of its own (known: {', '.join(BLOCK_PAGES)}); "
+                         "name the page to write")
+    return Path(BLOCK_PAGES[block])
+
+
+def check_block(path: Path | str, block: str) -> None:
+    """Fail early, before the work whose result goes there: OSError unless ``path`` is readable, ValueError
+    (as :func:`replace_block`) unless it holds ``block``'s two markers."""
+    with open(path, encoding="utf-8", newline="") as f:
+        replace_block(f.read(), block, "")
 
 
 def block_markers(block: str) -> tuple[str, str]:
@@ -48,7 +84,7 @@ def replace_block(text: str, block: str, body: str) -> str:
 def write_block(path: Path | str, block: str, body: str) -> bool:
     """Replace ``block`` of the file at ``path`` by ``body``, atomically; every other byte stays as it was.
 
-    The one writer of the README's generated blocks (``ptq.table``, ``ptq.bench``). Returns whether the
+    The one writer of the generated blocks (``ptq.table``, ``ptq.bench``, ``scripts/fullsize_check.py``). Returns whether the
     file changed (an identical body leaves it untouched); FileNotFoundError, or ValueError as
     :func:`replace_block`.
     """

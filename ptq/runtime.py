@@ -40,7 +40,7 @@ def use_compile_cache(cache_dir: str | Path | None) -> str | None:
 
     Each AdaRound unit class is compiled once per process; with the cache a later run or
     sweep job loads the compiled graphs instead (the embedded default's headline command
-    measured cold and warm: see the README Performance notes). Inductor's own default is
+    measured cold and warm: see docs/performance.md). Inductor's own default is
     ``/tmp``, which is per node on a cluster; next to the stage caches every SLURM job of a
     sweep shares it. A ``$TORCHINDUCTOR_CACHE_DIR`` the user set wins (``ptq.USER_COMPILE_CACHE``:
     by the time this runs, importing inductor has written its own default into the variable, so

@@ -3,12 +3,13 @@
 generated 224x224 ImageFolder, AdaRound (block) W4A8 with the integer backend, export and verify.
 
     python scripts/fullsize_check.py --work /tmp/fullsize [--model vit_b_16] [--images 64] [--iters 5]
-        [--out report.json] [--readme README.md] [--block fullsize]
-    python scripts/fullsize_check.py --from-json report.json --readme README.md   # the block from a saved run
+        [--out report.json] [--write [PAGE]] [--block fullsize]
+    python scripts/fullsize_check.py --from-json report.json --write   # the block from a saved run
 
 It runs the real CLI (``python -m ptq.main``) in a subprocess and reports wall time per stage,
 the child's peak host RSS, the stage cache's size on disk, the quantized state's size and the
-widths report's largest accumulator; ``--readme`` rewrites the README's ``fullsize`` block.
+widths report's largest accumulator; ``--write`` rewrites its block (``fullsize`` of docs/fullsize.md,
+or ``--block NAME`` of ``--write PAGE``), after checking the page holds it, before the run.
 It exits non-zero unless the run is ok and the integer program matches the simulation exactly.
 """
 
@@ -24,6 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ptq.table import HOME, InputError, page_for, write_readme_block  # noqa: E402  (ptq from this checkout)
+
 CLASSES = 4
 
 
@@ -47,7 +51,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def command(work: Path, images: int, iters: int, model: str = "vit_b_16") -> list[str]:
-    """The documented full-size command (README "ViT-B/16 at full size")."""
+    """The documented full-size command (docs/fullsize.md)."""
     return [sys.executable, "-m", "ptq.main", f"model={model}", "data=imagenet", f"data.root={work / 'data'}",
             "model.pretrained=false", "wquant=adaround", "granularity=block", "wbits=4", "nonlinear=ivit",
             "export=true", f"aquant.calib_images={images}", f"data.eval_images={images}",
@@ -104,19 +108,31 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, help="scratch dir: data, cache and run dir go here")
     ap.add_argument("--from-json", type=Path, default=None, help="report of an earlier run (no new run)")
     ap.add_argument("--images", type=int, default=64, help="calibration and eval images each")
     ap.add_argument("--iters", type=int, default=5, help="AdaRound iterations per unit")
     ap.add_argument("--model", default="vit_b_16", help="an ImageNet model name (model=NAME), random weights")
-    ap.add_argument("--block", default="fullsize", help="README block --readme rewrites (default fullsize)")
+    ap.add_argument("--block", default="fullsize", help="the block --write rewrites (default fullsize)")
     ap.add_argument("--out", type=Path, default=None, help="write the report as JSON")
-    ap.add_argument("--readme", type=Path, default=None, help="rewrite this file's fullsize block")
+    ap.add_argument("--write", "--readme", dest="write", type=Path, nargs="?", const=HOME, default=None,
+                    metavar="PAGE", help="rewrite the --block of PAGE; --write alone: of the page the block lives on")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if (args.work is None) == (args.from_json is None):
         ap.error("give --work DIR (run it) or --from-json FILE (report a saved run)")
+    if args.write is not None:  # a page without the block fails now, not after a quarter of an hour
+        try:
+            args.write = page_for(args.write, args.block)
+        except InputError as exc:
+            ap.error(f"--write: {exc}")
     report = json.loads(args.from_json.read_text()) if args.from_json else run(args.work, args.images, args.iters,
                                                                                      args.model)
     if args.out:
@@ -128,11 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     text = markdown(report)
     print(text, end="")
-    if args.readme:
-        sys.path.insert(0, str(ROOT))
-        from ptq.table import write_readme_block
-
-        write_readme_block(args.readme, text, args.block)
+    if args.write:
+        write_readme_block(args.write, text, args.block)
     return 0
 
 

@@ -111,6 +111,30 @@ def test_readme_section_replaces_only_the_marked_block(quick_run, tmp_path: Path
     assert readme.read_text() == text
 
 
+def test_write_alone_puts_each_block_on_its_own_page(quick_run, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--write`` without a page: the Performance block to docs/benchmarks.md, the onnx block to
+    docs/deployment.md, the first linking to the second; ``--write PAGE`` puts both on PAGE, linked in place."""
+    _, _, out = quick_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    perf, onnx = tmp_path / "docs" / "benchmarks.md", tmp_path / "docs" / "deployment.md"
+    perf.write_text(f"# B\n{bench.MARK_START}\n{bench.MARK_END}\n")
+    onnx.write_text("# D\n<!-- onnx:start -->\n<!-- onnx:end -->\n")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench.main(["--from-json", str(out), "--write"]) == 0
+    text = perf.read_text()
+    assert "## Performance" in text and "](deployment.md#deploying-the-integer-model)" in text
+    assert "Regenerate: `python -m ptq.bench --out outputs/bench.json --write`." in text and "onnx:start" not in text
+    assert onnx.read_text().startswith("# D\n<!-- onnx:start -->\nMeasured by") and "## Performance" not in onnx.read_text()
+    both = tmp_path / "both.md"
+    both.write_text(f"{bench.MARK_START}\n{bench.MARK_END}\n<!-- onnx:start -->\n<!-- onnx:end -->\n")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench.main(["--from-json", str(out), "--write", str(both)]) == 0
+    text = both.read_text()
+    assert "](#deploying-the-integer-model)" in text and f"--write {both}`." in text
+
+
 def test_readme_without_markers_is_a_clear_error(quick_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _, _, out = quick_run
     readme = tmp_path / "README.md"

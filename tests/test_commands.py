@@ -1,4 +1,5 @@
-"""What a user types: every README command composes as written; a misspelt choice stops before any work."""
+"""What a user types: every command of the README and the docs pages composes as written; a misspelt choice
+stops before any work."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -14,30 +16,59 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import CONF, ROOT
+from ptq.config import Config
 
 COMMAND = re.compile(r"python -m ptq\.main\b(?:[^`\n\\]|\\\n)*")  # up to a backtick or line end; \ continues
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # every page a reader is sent to
 
 
-def readme_commands() -> list[str]:
-    """Every ``python -m ptq.main ...`` of README.md (code blocks and inline), continuations joined,
+def _synopsis(cmd: str) -> str:
+    """A command as it runs: an optional ``[key=value]`` of a synopsis unwrapped, a ``[placeholder]`` dropped."""
+    return " ".join(t[1:-1] if t.startswith("[") and t.endswith("]") and "=" in t else t
+                    for t in cmd.split() if not (t.startswith("[") and t.endswith("]") and "=" not in t))
+
+
+def page_commands(page: Path) -> list[str]:
+    """Every ``python -m ptq.main ...`` of one page (code blocks and inline), continuations joined,
     comments dropped."""
-    text = (ROOT / "README.md").read_text()
     out = []
-    for m in COMMAND.finditer(text):
+    for m in COMMAND.finditer(page.read_text()):
         cmd = re.sub(r"\\\n\s*", " ", m.group(0))
         cmd = re.split(r"\s#\s", cmd, maxsplit=1)[0]
-        out.append(" ".join(cmd.split()))
+        out.append(_synopsis(cmd))
     return out
 
 
+def readme_commands() -> list[str]:
+    """Every ``python -m ptq.main ...`` of README.md and of every docs/*.md page."""
+    return [c for page in PAGES for c in page_commands(page)]
+
+
+# what an override's key may be: a conf/ group, sweeps/sweep, a top-level key of the schema, a hydra/ group
+KEYS = {d.name for d in CONF.iterdir() if d.is_dir()} | {"sweep"} | {f.name for f in fields(Config)}
+
+
+def _braces(span: str) -> list[str]:
+    """``swin_{tiny,small}_x`` as the spans it stands for (``swin_tiny_x``, ``swin_small_x``), shell-style."""
+    m = re.search(r"\{([^{}]*,[^{}]*)\}", span)
+    if not m:
+        return [span]
+    return [e for alt in m.group(1).split(",") for e in _braces(span[:m.start()] + alt + span[m.end():])]
+
+
 def readme_choices() -> list[str]:
-    """README's inline code spans made only of overrides that pick a group's option (``aquant=mse``,
-    ``+sweep=w4a8_ablation``), which a reader pastes onto a command line."""
+    """The pages' inline code spans made only of config overrides, one at least of a group or top-level key
+    (``aquant=mse``, ``+sweep=w4a8_ablation``, ``wbits=4 abits=8``, ``model=swin_{tiny,small,base}_...``
+    expanded), which a reader pastes onto a command line; a ``<placeholder>`` is not a choice."""
     out = []
-    for span in re.findall(r"`([^`\n]+)`", (ROOT / "README.md").read_text()):
-        toks = span.split()
-        if all(re.fullmatch(r"[+~]?[\w./]+=\S*", t) for t in toks) and any("." not in t.split("=")[0] for t in toks):
-            out.append(span)
+    for page in PAGES:
+        for span in re.findall(r"`([^`\n]+)`", page.read_text()):
+            toks = span.split()
+            if "<" in span or not all(re.fullmatch(r"[+~]?[\w./{},]+=\S*", t) for t in toks):
+                continue
+            keys = [t.split("=")[0].lstrip("+~") for t in toks]
+            if any("." not in k for k in keys) and all(k.split(".")[0] in KEYS or "/" in k for k in keys):
+                out += _braces(span)
     return out
 
 
@@ -55,15 +86,20 @@ def jobs_of(command: str) -> list[list[str]]:
 
 def test_readme_names_the_commands_this_test_checks() -> None:
     cmds = readme_commands()
-    assert len(cmds) >= 20 and "python -m ptq.main debug=quick" in cmds
+    assert len(cmds) >= 40 and "python -m ptq.main debug=quick" in page_commands(ROOT / "README.md")
     assert any(c.startswith("python -m ptq.main +sweep=rounding_lr hydra/launcher=slurm") and "mem_gb=64" in c
-               for c in cmds)  # a continued line is read whole
+               for c in page_commands(ROOT / "docs" / "sweeps.md"))  # a continued line is read whole
+    assert all(page_commands(ROOT / "docs" / f"{p}.md") for p in ("configuration", "adaround", "results", "swin"))
     assert len(jobs_of("python -m ptq.main -m wbits=4,8 granularity=layer,block")) == 4
-    assert "aquant=mse" in readme_choices() and "data.root=DIR" not in readme_choices()
+    choices = readme_choices()
+    assert "aquant=mse" in choices and "data.root=DIR" not in choices and "mismatches=0" not in choices
+    assert "model=swin_small_patch4_window7_224" in choices and not any("<" in c for c in choices)
+    assert _synopsis("python -m ptq.main [overrides] +sweep=optuna_lr [hydra.sweeper.n_trials=20]") == \
+        "python -m ptq.main +sweep=optuna_lr hydra.sweeper.n_trials=20"
 
 
 def test_every_readme_command_composes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--cfg job`` for each README line and inline group choice, in one process: each job's config
+    """``--cfg job`` for each line and inline group choice of the README and the docs pages, in one process: each job's config
     composes (``+experiment=...`` fails here with Hydra's ``Multiple values for experiment``)."""
     monkeypatch.chdir(ROOT)  # conf/config.yaml puts sweeps/ on the search path relative to the repo root
     jobs = {tuple(job) for c in readme_commands() if "--help" not in c for job in jobs_of(c)}

@@ -255,6 +255,31 @@ def test_readme_without_markers_is_an_error(
     assert readme.read_text() == "# nothing here\n"
 
 
+def test_write_alone_writes_the_page_the_block_lives_on(runs: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--write`` without a page: the block's own page (``ptq.atomic.BLOCK_PAGES``, from the repository root)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "results.md"
+    page.write_text("# Results\n<!-- models:start -->\n<!-- models:end -->\n")
+    assert T.main(["--runs", str(runs), "--write", "--block", "models"]) == 0
+    assert "| AdaRound(Block)" in page.read_text() and page.read_text().endswith("<!-- models:end -->\n")
+    assert T.main(["--runs", str(runs), "--block", "models", "--write"]) == 0  # the flag last: the same
+
+
+def test_a_page_without_the_block_fails_before_any_run_is_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    # the runs dir does not exist: the page is checked first, so its error, not the runs', is the one line
+    assert T.main(["--runs", str(tmp_path / "missing"), "--write", str(page), "--block", "models"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "models:start" in err and "does not exist" not in err
+    assert T.main(["--runs", str(tmp_path / "missing"), "--write", "--block", "nonesuch"]) == 2
+    assert "no page of its own" in capsys.readouterr().err
+    assert T.main(["--runs", str(tmp_path / "missing"), "--write", str(tmp_path / "absent.md")]) == 2
+    assert "page not found" in capsys.readouterr().err
+
+
 def test_bad_input_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert T.main(["--runs", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

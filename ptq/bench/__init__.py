@@ -18,8 +18,9 @@ mmap threshold) measures, on the embedded tiny model and on a randomly initialis
 Every quantized time is measured interleaved with its float counterpart in the same
 process and reported as a ratio (median over repeats), since absolute timings on a
 shared machine are noisy. Results go to a JSON file (top-level ``ratios``) and a
-Markdown table on stdout; ``--readme README.md`` renders a "Performance" section
-between ``<!-- perf:start -->`` and ``<!-- perf:end -->`` in that file.
+Markdown table on stdout; ``--write`` renders a "Performance" section between
+``<!-- perf:start -->`` and ``<!-- perf:end -->`` of docs/benchmarks.md and the onnxruntime comparison
+into the onnx block of docs/deployment.md (``--write PAGE``: both into PAGE).
 """
 
 from ptq.bench.cli import main, run_bench

@@ -1,4 +1,5 @@
-"""``python -m ptq.bench``: run every measurement, write the JSON, print the table, update the README."""
+"""``python -m ptq.bench``: run every measurement, write the JSON, print the table, update its blocks
+(the Performance block of docs/benchmarks.md, the onnx block of docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -17,22 +18,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptq.atomic import replace_block
+from ptq.atomic import block_page, check_block
 from ptq.bench.adaround import bench_adaround
 from ptq.bench.evaluation import bench_eval
 from ptq.bench.memory import cache_report
-from ptq.bench.onnxrt import ONNX_BLOCK, onnx_table, run_onnx_bench, update_readme_onnx
+from ptq.bench.onnxrt import onnx_table, run_onnx_bench, update_readme_onnx
 from ptq.bench.plans import (
     ADAROUND_BACKENDS,
     DEFAULT_ONNX_OUT,
     DEFAULT_OUT,
+    ONNX_BLOCK,
+    PERF_BLOCK,
     PLANS,
     TARGETS,
     build_model,
     images_for,
     ratio_key,
 )
-from ptq.bench.report import markdown_table, replace_marked_block, update_readme
+from ptq.bench.report import markdown_table, update_readme
 from ptq.bench.timing import machine_info
 from ptq.models.families import describe
 from ptq.runspec import resolve_device
@@ -41,6 +44,7 @@ from ptq.runtime import tune_malloc
 log = logging.getLogger(__name__)
 
 DESCRIPTION = "Performance benchmark: quantized evaluation, AdaRound iterations, calibration and cache memory."
+HOME = Path("<each block's page>")  # ``--write`` without a page: every block to the page it lives on
 
 
 def bench_model(name: str, quick: bool, device: torch.device, backends: Sequence[str] = ADAROUND_BACKENDS,
@@ -141,14 +145,20 @@ def _onnx_main(models: list[str], args: argparse.Namespace, loaded: dict[str, An
         out.write_text(json.dumps(result, indent=2, default=_json_default))
         log.info("wrote %s", out)
     print(onnx_table(result))
-    if args.readme is not None:
-        update_readme_onnx(args.readme, result)
-        log.info("updated the onnx block of %s", args.readme)
+    if args.write is not None:
+        page = write_pages(args.write)[ONNX_BLOCK]
+        update_readme_onnx(page, result)
+        log.info("updated the onnx block of %s", page)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code."""
+def write_pages(write: Path) -> dict[str, Path]:
+    """The page of each block for ``--write``: ``write``, or for ``HOME`` each block's own page."""
+    return {b: block_page(b) if write == HOME else write for b in (PERF_BLOCK, ONNX_BLOCK)}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m ptq.bench``."""
     p = argparse.ArgumentParser(prog="python -m ptq.bench", description=DESCRIPTION)
     p.add_argument("--quick", action="store_true", help="small sizes: the whole run takes under a minute on 2 cores")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -163,14 +173,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch CPU threads (default: torch's choice; 1 gives steadier timings on a busy machine)")
     p.add_argument("--tune-malloc", action="store_true",
                    help="raise glibc's mmap/trim thresholds first (large CPU temporaries stop page-faulting)")
-    p.add_argument("--readme", type=Path, default=None, help="rewrite this file's perf:start/perf:end block")
+    p.add_argument("--write", "--readme", dest="write", type=Path, nargs="?", const=HOME, default=None, metavar="PAGE",
+                   help="rewrite the perf:start/perf:end block (and the onnx block) of PAGE; --write alone: "
+                        "each block on its own page (docs/benchmarks.md, docs/deployment.md)")
     p.add_argument("--onnx", action="store_true",
                    help="only the onnxruntime comparison: float.onnx against the W8A8 / W4A8 integer models "
-                        "(JSON to --out, default outputs/bench_onnx.json; README block onnx:start/onnx:end)")
+                        "(JSON to --out, default outputs/bench_onnx.json; block onnx:start/onnx:end)")
     p.add_argument("--skip-onnx", action="store_true",
                    help="leave out the onnxruntime comparison (the ort_* rows) that a full benchmark ends with")
     p.add_argument("--from-json", type=Path, default=None,
-                   help="render --readme / the table from this JSON instead of benchmarking")
+                   help="render --write / the table from this JSON instead of benchmarking")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    p = parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -184,16 +202,15 @@ def main(argv: list[str] | None = None) -> int:
             loaded = json.loads(args.from_json.read_text())
         except (OSError, ValueError) as exc:
             p.error(f"--from-json {args.from_json}: {exc}")
-    if args.readme is not None:  # fail before minutes of benchmarking
+    if args.write is not None:  # fail before minutes of benchmarking
         with_onnx = args.onnx or ("onnx" in loaded if loaded is not None else not args.skip_onnx)
-        try:
-            text = args.readme.read_text()
-            if not args.onnx:
-                replace_marked_block(text, "")
-            if with_onnx:
-                replace_block(text, ONNX_BLOCK, "")
-        except (OSError, ValueError) as exc:
-            p.error(f"--readme {args.readme}: {exc}")
+        blocks = [b for b, needed in ((PERF_BLOCK, not args.onnx), (ONNX_BLOCK, with_onnx)) if needed]
+        for block in blocks:
+            page = write_pages(args.write)[block]
+            try:
+                check_block(page, block)
+            except (OSError, ValueError) as exc:
+                p.error(f"--write {page}: {exc}")
     if args.onnx:
         return _onnx_main(models, args, loaded)
     if loaded is not None:
@@ -214,11 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2, default=_json_default))
         log.info("wrote %s", args.out)
     print(markdown_table(result))
-    if args.readme is not None:
-        update_readme(args.readme, result)
-        log.info("updated the Performance section of %s", args.readme)
+    if args.write is not None:
+        pages = write_pages(args.write)
+        update_readme(pages[PERF_BLOCK], result, pages[ONNX_BLOCK])
+        log.info("updated the Performance section of %s", pages[PERF_BLOCK])
         if "onnx" in result:
-            update_readme_onnx(args.readme, _onnx_part(result))
-            log.info("updated the onnx block of %s", args.readme)
+            update_readme_onnx(pages[ONNX_BLOCK], _onnx_part(result))
+            log.info("updated the onnx block of %s", pages[ONNX_BLOCK])
     return 0
 

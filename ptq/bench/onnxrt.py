@@ -26,7 +26,7 @@ from torch import Tensor
 from torchvision.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
-from ptq.bench.plans import _batches
+from ptq.bench.plans import ONNX_BLOCK, _batches
 from ptq.bench.timing import _median
 from ptq.calib import calibrate
 from ptq.intexec.artefact import THREADS, session
@@ -298,11 +298,8 @@ def onnx_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-ONNX_BLOCK = "onnx"  # README block between <!-- onnx:start --> and <!-- onnx:end --> (ptq.atomic.write_block)
-
-
 def render_onnx_section(result: dict[str, Any]) -> str:
-    """The README block: how it was measured, the table, and the ratios against their targets."""
+    """The onnx block (docs/deployment.md): how it was measured, the table, and the ratios against their targets."""
     command = result.get("command", "python -m ptq.bench --onnx")
     lines = [f"Measured by `{command}{' --quick' if result['quick'] else ''}` on "
              f"{result.get('created', '')[:10]} with {result['runtime']} (CPU execution provider, "
@@ -324,7 +321,7 @@ def render_onnx_section(result: dict[str, Any]) -> str:
 
 
 def update_readme_onnx(path: Path, result: dict[str, Any]) -> None:
-    """Rewrite the README's onnx block from a ``--onnx`` benchmark result."""
+    """Rewrite the onnx block of the page at ``path`` from a ``--onnx`` benchmark result."""
     from ptq.atomic import write_block
 
     write_block(path, ONNX_BLOCK, render_onnx_section(result))

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("outputs/bench.json")
 DEFAULT_ONNX_OUT = Path("outputs/bench_onnx.json")
-PERF_BLOCK = "perf"  # README block between these markers (ptq.atomic.write_block)
+PERF_BLOCK = "perf"  # the Performance block (docs/benchmarks.md; ptq.atomic.BLOCK_PAGES, write_block)
+ONNX_BLOCK = "onnx"  # the onnxruntime comparison block (docs/deployment.md)
 MARK_START, MARK_END = block_markers(PERF_BLOCK)
 ADAROUND_BACKENDS = ("fp", "ivit")
 

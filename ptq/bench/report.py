@@ -1,13 +1,14 @@
-"""The benchmark's Markdown table and the README "Performance" block rendered from its JSON."""
+"""The benchmark's Markdown table and the "Performance" block (docs/benchmarks.md) rendered from its JSON."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-from ptq.atomic import replace_block, write_block
-from ptq.bench.plans import CACHE_IMAGES, PERF_BLOCK, RATIO_KEYS, TARGETS, ratio_key
+from ptq.atomic import block_page, replace_block, write_block
+from ptq.bench.plans import CACHE_IMAGES, ONNX_BLOCK, PERF_BLOCK, RATIO_KEYS, TARGETS, ratio_key
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,13 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def render_readme_section(result: dict[str, Any]) -> str:
-    """The README "Performance" section (markers excluded) for a benchmark result."""
+def render_readme_section(result: dict[str, Any], page: Path | None = None, onnx_page: Path | None = None) -> str:
+    """The "Performance" section (markers excluded) for a benchmark result, to be written to ``page``
+    (default: its own, ``ptq.atomic.BLOCK_PAGES``), linking to the onnx block on ``onnx_page``."""
+    page = Path(page) if page is not None else block_page(PERF_BLOCK)
+    onnx_page = Path(onnx_page) if onnx_page is not None else block_page(ONNX_BLOCK)
+    onnx_link = "" if onnx_page == page else Path(os.path.relpath(onnx_page, page.parent)).as_posix()
+    write = "--write" if page == block_page(PERF_BLOCK) and onnx_page == block_page(ONNX_BLOCK) else f"--write {page}"
     mach = result["machine"]
     r = result["ratios"]
     notes = []
@@ -110,20 +116,20 @@ def render_readme_section(result: dict[str, Any]) -> str:
                f"benchmark: the float model exported by `torch.onnx.export` against the W8A8 and W4A8 ivit integer "
                f"models of `ptq.intexec` on {result['onnx']['runtime']} (CPU execution provider, "
                f"{result['onnx']['threads']} threads), timed interleaved in one process. The integer model's "
-               f"profile by role is in [Deploying the integer model](#deploying-the-integer-model), the levers "
+               f"profile by role is in [Deploying the integer model]({onnx_link}#deploying-the-integer-model), the levers "
                f"in `docs/performance.md`."] if "onnx" in result else []),
         "",
         f"Headline ratios ({result['ratios_model']}): {summary}.",
         "",
         markdown_table(result),
         "",
-        "Regenerate: `python -m ptq.bench --out outputs/bench.json --readme README.md`.",
+        f"Regenerate: `python -m ptq.bench --out outputs/bench.json {write}`.",
     ]
     return "\n".join(lines)
 
 
 def _no_markers(exc: ValueError) -> ValueError:
-    return ValueError(f"README {exc}; add both markers where the Performance section should go")
+    return ValueError(f"{exc}; add both markers where the Performance section should go")
 
 
 def replace_marked_block(text: str, section: str) -> str:
@@ -135,9 +141,10 @@ def replace_marked_block(text: str, section: str) -> str:
         raise _no_markers(exc) from None
 
 
-def update_readme(path: Path, result: dict[str, Any]) -> None:
-    """Rewrite the marked Performance block of ``path`` in place (``ptq.atomic.write_block``, as ``ptq.table``)."""
+def update_readme(path: Path, result: dict[str, Any], onnx_page: Path | None = None) -> None:
+    """Rewrite the marked Performance block of ``path`` in place (``ptq.atomic.write_block``, as ``ptq.table``);
+    its link to the onnx block points at ``onnx_page`` (default: ``path`` itself)."""
     try:
-        write_block(path, PERF_BLOCK, render_readme_section(result))
+        write_block(path, PERF_BLOCK, render_readme_section(result, path, path if onnx_page is None else onnx_page))
     except ValueError as exc:
         raise _no_markers(exc) from None

@@ -2,7 +2,8 @@
 
 ``python -m ptq.table`` collects runs, aggregates repeated configurations
 (same ``row``, different seeds) to mean ± std, and prints Markdown; it can
-also rewrite the README's results block, write a CSV and PNG charts.
+also rewrite a generated block (the README's results block, a docs page's block), write a CSV
+and PNG charts.
 
 Sources give the same *record* dicts (one per run)::
 
@@ -19,7 +20,7 @@ activation quantizer (Mov < LSQ), then ``--by`` values ascending, then name.
 
 from ptq.table.cli import main
 from ptq.table.frame import build_table, failed_table
-from ptq.table.markdown import markers, render, to_markdown, write_readme_block
+from ptq.table.markdown import HOME, markers, page_for, render, to_markdown, write_readme_block
 from ptq.table.plots import plot
 from ptq.table.sources import (
     InputError,
@@ -30,5 +31,5 @@ from ptq.table.sources import (
     split_failed,
 )
 
-__all__ = ["InputError", "build_table", "failed_table", "load_local_runs", "load_wandb_runs", "main", "make_record",
-           "markers", "plot", "render", "rows_from_wandb_runs", "split_failed", "to_markdown", "write_readme_block"]
+__all__ = ["HOME", "InputError", "build_table", "failed_table", "load_local_runs", "load_wandb_runs", "main", "make_record",
+           "markers", "page_for", "plot", "render", "rows_from_wandb_runs", "split_failed", "to_markdown", "write_readme_block"]

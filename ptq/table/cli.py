@@ -1,4 +1,4 @@
-"""``python -m ptq.table``: collect runs, print the table, write README blocks, CSV and charts."""
+"""``python -m ptq.table``: collect runs, print the table, write the README's and docs pages' blocks, CSV and charts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ptq.table.frame import build_table, failed_table
-from ptq.table.markdown import render, write_readme_block
+from ptq.table.markdown import HOME, page_for, render, write_readme_block
 from ptq.table.plots import plot
 from ptq.table.sources import DEFAULT_RUNS, InputError, load_local_runs, load_wandb_runs, split_failed
 
@@ -30,9 +30,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="extra grouping column from the config, e.g. adaround.lr (repeatable)",
     )
-    p.add_argument("--write", type=Path, metavar="README", help="replace the results block of this file")
+    p.add_argument("--write", type=Path, nargs="?", const=HOME, metavar="PAGE",
+                   help="replace the --block of PAGE; --write alone: of the page that block lives on "
+                        "(ptq.atomic.BLOCK_PAGES: README.md for results)")
     p.add_argument("--block", default="results",
-                   help="name of the README block to replace: <!-- NAME:start --> ... <!-- NAME:end --> (default results)")
+                   help="name of the block to replace: <!-- NAME:start --> ... <!-- NAME:end --> (default results)")
     p.add_argument("--csv", type=Path, metavar="FILE", help="write the table as CSV")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts into DIR")
     return p
@@ -43,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
+        if args.write is not None:  # a page without the block's markers fails before any run is read
+            args.write = page_for(args.write, args.block)
         if args.wandb:
             ok, failed = split_failed(load_wandb_runs(args.wandb, args.group))
             where = f"W&B project {args.wandb}"

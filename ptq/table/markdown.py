@@ -1,4 +1,4 @@
-"""Markdown rendering of the table and replacement of a marked README block."""
+"""Markdown rendering of the table and replacement of a marked block of a page (README or docs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ptq.atomic import block_markers, write_block
+from ptq.atomic import block_markers, block_page, check_block, write_block
 from ptq.table.frame import METRICS
 from ptq.table.sources import InputError
 
@@ -83,8 +83,27 @@ def render(table: pd.DataFrame, failed: pd.DataFrame | None = None, interrupted:
 
 
 def markers(block: str = "results") -> tuple[str, str]:
-    """The HTML-comment markers around a generated README block."""
+    """The HTML-comment markers around a generated block."""
     return block_markers(block)
+
+
+HOME = Path("<the block's page>")  # ``--write`` without a page: the page the block lives on
+
+
+def page_for(page: Path, block: str) -> Path:
+    """The page to write ``block`` to: ``page``, or for ``HOME`` the block's own page
+    (``ptq.atomic.block_page``); InputError unless it exists and holds the block's markers."""
+    try:
+        page = block_page(block) if page == HOME else Path(page)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if not page.is_file():
+        raise InputError(f"page not found: {page}")
+    try:
+        check_block(page, block)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{page} {exc}") from None
+    return page
 
 
 def write_readme_block(readme: Path, text: str, block: str = "results") -> None:
@@ -92,7 +111,7 @@ def write_readme_block(readme: Path, text: str, block: str = "results") -> None:
     InputError when the file or its markers are missing."""
     readme = Path(readme)
     if not readme.is_file():
-        raise InputError(f"README not found: {readme}")
+        raise InputError(f"page not found: {readme}")
     try:
         write_block(readme, block, text)
     except ValueError as exc:
