@@ -245,8 +245,10 @@ def run_onnx_bench(names: list[str], quick: bool, out_dir: Path | None = None) -
     """Export float / W8A8 / W4A8 of each model, time them interleaved on onnxruntime, profile W8A8."""
     from ptq.bench.plans import PLANS, build_model, images_for
 
+    import os
+
     result: dict[str, Any] = {"models": {}, "runtime": f"onnxruntime {ort.__version__}", "threads": THREADS,
-                              "quick": quick}
+                              "quick": quick, "load": round(os.getloadavg()[0], 1)}
     for name in names:
         batch, repeats, n_calib = ORT_PLANS[(name, quick)]
         model, meta = build_model(name, PLANS[(name, quick)])
@@ -304,11 +306,15 @@ def render_onnx_section(result: dict[str, Any]) -> str:
     lines = [f"Measured by `{command}{' --quick' if result['quick'] else ''}` on "
              f"{result.get('created', '')[:10]} with {result['runtime']} (CPU execution provider, "
              f"{result['threads']} threads, {result.get('cpu', 'this machine')}): the float model exported by "
-             "`torch.onnx.export`, the W8A8 and W4A8 ivit models by `ptq.intexec` (`int_*`), ptq's QDQ export of "
+             "`torch.onnx.export`, the W8A8 and W4A8 ivit models by `ptq.intexec` (`int_*`: the file "
+             "`ptq.intexec.artefact.pick` gives this CPU, `model_vnni.onnx` where its uint8 x int8 kernel is exact; "
+             "`int_w8a8_portable` is `model.onnx` beside it), ptq's QDQ export of "
              "the calibrated W8A8 model (`qdq_w8a8`, `ptq.intexec.qdq`) and onnxruntime's own `quantize_static` "
              "of the float model (`static_w8a8`: QDQ, per-channel int8 weights, the same calibration images), "
-             "timed interleaved in one process (median of the rounds). Ratios are model time / float time: "
-             "below 1 is faster.", "",
+             "timed interleaved in one process (median of the rounds"
+             f"{'; load average %.1f when it started' % result['load'] if 'load' in result else ''}). "
+             "Ratios are model time / float time: below 1 is faster; `qdq_vs_static` is ptq's QDQ model's time "
+             "over `quantize_static`'s.", "",
              onnx_table(result), ""]
     for name, res in result["models"].items():
         prof = res["profile_int_w8a8"]
