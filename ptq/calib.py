@@ -89,6 +89,9 @@ def search_spec(cfg: Any) -> dict[str, Any]:
         spec["ln_reparam"] = {"alpha": float(aq.ln_reparam_alpha)}
     if aq.kernel_in_bits is not None:
         spec["kernel_in_bits"] = int(aq.kernel_in_bits)
+    twins = [k for k in ("probs", "gelu_out") if aq.get(k, "uniform") == "twin"]
+    if twins:  # twin quantizers fill a histogram even with movavg steps
+        spec["twin"] = twins
     return spec
 
 

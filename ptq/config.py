@@ -65,6 +65,8 @@ class AQuantConfig:
     ln_reparam: bool = False  # fold per-channel LN-output factors into LN affine + next linear (quant.reparam)
     ln_reparam_alpha: float = 1.0  # strength: factors (absmax_c / mean) ** alpha
     kernel_in_bits: int | None = None  # Softmax / GELU input width (null: abits); matmul operands stay abits
+    probs: str = "uniform"  # Softmax output codes: uniform, log2, logsqrt2, twin (docs/act-quantizers.md)
+    gelu_out: str = "uniform"  # GELU output codes: uniform, twin
 
 
 @dataclass
@@ -196,6 +198,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "tracking.mode": ("online", "offline", "disabled"),
     "adaround.loss": ("mse", "fisher"),
+    "aquant.probs": ("uniform", "log2", "logsqrt2", "twin"),
+    "aquant.gelu_out": ("uniform", "twin"),
 }
 
 
@@ -292,6 +296,13 @@ def validate(cfg: Any) -> None:
     if cfg.nonlinear.softmax.log2 and cfg.nonlinear.name != "ivit":
         raise ConfigError("nonlinear.softmax.log2=true is an integer Softmax kernel: it needs nonlinear=ivit "
                           f"(got nonlinear={cfg.nonlinear.name})")
+    if cfg.nonlinear.softmax.log2 and cfg.aquant.probs not in ("uniform", "log2"):
+        raise ConfigError(f"aquant.probs={cfg.aquant.probs} conflicts with nonlinear.softmax.log2=true (log2 codes); "
+                          "allowed with it: uniform, log2")
+    coded = [f"aquant.{k}={cfg.aquant[k]}" for k in ("probs", "gelu_out") if cfg.aquant[k] != "uniform"]
+    if coded and cfg.export_qdq:
+        raise ConfigError(f"export_qdq=true has no QDQ ops for {', '.join(coded)}; allowed with export_qdq: "
+                          "aquant.probs=uniform, aquant.gelu_out=uniform")
     check("threads", cfg.threads is None or cfg.threads >= 1, "null (automatic) or a positive number of threads")
     if cfg.nonlinear.name == "ivit" and (cfg.aquant.name == "none" or cfg.wquant.name == "none"):
         raise ConfigError(
@@ -313,6 +324,8 @@ _INERT: tuple[tuple[tuple[str, ...], Any, str], ...] = (
     (("aquant.percentile",), lambda c: c.aquant.name != "percentile", "it applies only to aquant=percentile"),
     (("aquant.search_grid",), lambda c: c.aquant.name != "mse", "it applies only to aquant=mse"),
     (("aquant.ln_reparam_alpha",), lambda c: not c.aquant.ln_reparam, "it applies only with aquant.ln_reparam=true"),
+    (("aquant.probs",), lambda c: c.nonlinear.softmax.log2 and c.aquant.probs == "log2",
+     "nonlinear.softmax.log2=true gives log2 probabilities already"),
     (("aquant.kernel_in_bits",), lambda c: c.aquant.kernel_in_bits == c.abits,
      "the Softmax / GELU inputs are A{abits} already"),
     (("nonlinear.softmax.", "nonlinear.gelu.", "nonlinear.idadd_bits"), lambda c: c.nonlinear.name == "fp",

@@ -12,8 +12,9 @@ A *row* is the dict stored under ``metrics.json["row"]``::
      "softmax": {"n": 15, "out_bits": 8}, "gelu": {"n": 23, "sig_bits": 8},
      "idadd_bits": 16}
 
-plus ``"ln_reparam": True``, ``"kernel_in_bits": 8``, ``softmax["log2"] = True``, ``"qdrop": 0.5``
-(AdaRound's QDrop probability) and ``"recon_loss": "fisher"`` when those options are on.
+plus ``"ln_reparam": True``, ``"kernel_in_bits": 8``, ``softmax["log2"] = True``, ``"probs": "logsqrt2" | "twin"``,
+``"gelu_out": "twin"`` (docs/act-quantizers.md), ``"qdrop": 0.5`` (AdaRound's QDrop probability) and
+``"recon_loss": "fisher"`` when those options are on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 FLOAT_BITS = 32
+PROBS_PARTS = {"logsqrt2": "logsqrt2", "twin": "ptwin"}  # row-name part of aquant.probs (log2: "log2")
 
 
 def effective_bits(row: Mapping[str, Any]) -> tuple[int, int]:
@@ -51,6 +53,10 @@ def row_name(row: Mapping[str, Any]) -> str:
         parts.append(f"k{row['kernel_in_bits']}")
     if (row.get("softmax") or {}).get("log2"):
         parts.append("log2")
+    if row.get("probs"):
+        parts.append(PROBS_PARTS[str(row["probs"])])
+    if row.get("gelu_out"):
+        parts.append("gtwin")
     parts.append(str(row.get("nonlinear", "fp")))
     if row.get("quant_io") is False:
         parts.append("noio")
@@ -65,8 +71,9 @@ def nonlinear_labels(row: Mapping[str, Any]) -> dict[str, str]:
         return {"SoftMax": "FP", "GELU": "FP", "LN": "FP", "IdAdd": "FP"}
     sm = row.get("softmax") or {}
     ge = row.get("gelu") or {}
+    codes = "log2" if sm.get("log2") else row.get("probs")
     return {
-        "SoftMax": f"I[log2,n{sm.get('n', 15)}]" if sm.get("log2") else f"I[b{sm.get('out_bits', 8)},n{sm.get('n', 15)}]",
+        "SoftMax": f"I[{codes},n{sm.get('n', 15)}]" if codes else f"I[b{sm.get('out_bits', 8)},n{sm.get('n', 15)}]",
         "GELU": f"I[b{ge.get('sig_bits', 8)},n{ge.get('n', 23)}]",
         "LN": "I[b8]",
         "IdAdd": str(row.get("idadd_bits", 16)),

@@ -34,7 +34,8 @@ def resolve_device(name: str) -> torch.device:
 def row_of(cfg: Any) -> dict[str, Any]:
     """The config fields that name this run's results-table row (see ptq.naming).
 
-    Options added later (``ln_reparam``, ``kernel_in_bits``, ``softmax.log2``, AdaRound's ``qdrop`` and
+    Options added later (``ln_reparam``, ``kernel_in_bits``, ``softmax.log2``, ``probs``, ``gelu_out``,
+    AdaRound's ``qdrop`` and
     ``recon_loss``) appear only when on, so earlier
     runs' rows (and names) stay what they were.
     """
@@ -57,8 +58,12 @@ def row_of(cfg: Any) -> dict[str, Any]:
         row["ln_reparam"] = True
     if cfg.aquant.kernel_in_bits is not None and cfg.aquant.name != "none" and cfg.aquant.kernel_in_bits != cfg.abits:
         row["kernel_in_bits"] = int(cfg.aquant.kernel_in_bits)
-    if cfg.nonlinear.softmax.log2:
+    if cfg.nonlinear.softmax.log2 or cfg.aquant.probs == "log2":
         row["softmax"]["log2"] = True
+    elif cfg.aquant.probs != "uniform":
+        row["probs"] = str(cfg.aquant.probs)
+    if cfg.aquant.gelu_out != "uniform":
+        row["gelu_out"] = str(cfg.aquant.gelu_out)
     if cfg.wquant.name == "adaround" and cfg.adaround.qdrop_prob > 0:
         row["qdrop"] = float(cfg.adaround.qdrop_prob)
     if cfg.wquant.name == "adaround" and cfg.adaround.loss != "mse":
@@ -76,11 +81,12 @@ def settings_of(cfg: Any) -> QuantSettings:
         momentum=float(cfg.aquant.momentum),
         quant_io=bool(cfg.aquant.quant_io),
         backend=Backend(nl.name, nl.softmax.n, nl.softmax.out_bits, nl.gelu.n, nl.gelu.sig_bits,
-                        softmax_log2=bool(nl.softmax.log2)),
+                        softmax_log2=bool(nl.softmax.log2), probs=str(cfg.aquant.probs)),
         act_method=cfg.aquant.name if cfg.aquant.name != "none" else "movavg",
         act_percentile=float(cfg.aquant.percentile),
         act_grid=int(cfg.aquant.search_grid),
         kernel_in_bits=None if cfg.aquant.kernel_in_bits is None else int(cfg.aquant.kernel_in_bits),
+        gelu_out=str(cfg.aquant.gelu_out),
     )
 
 

@@ -12,7 +12,7 @@ drives it (``ptq.intexec.build``); this module decides only how each operation i
   ``ptq.intexec.requant`` for the range of ``q`` that can still change the result (past it every
   channel saturates); after ShiftGELU's table it folds into the table. An INT8 result also comes
   as its uint8 twin (``+ 128``, :meth:`OnnxGraph.u8_twin`), which ``MatMulInteger`` reads;
-* the kernels come from ``ptq.intexec.kernels``.
+* the kernels come from ``ptq.intexec.kernels``; logsqrt2 / twin codes from ``ptq.intexec.codes``.
 
 Every value is named after the tensor the simulation's range audit records (quantizer names,
 ``<linear>.acc``, ``<quantizer>.int``), and :attr:`OnnxGraph.values` declares its width, so a
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ptq.intexec import kernels
 from ptq.intexec import requant as rq
+from ptq.intexec.codes import CodesOps
 from ptq.intexec.kernels import I32, I64, Emitter
 from ptq.quant.qtensor import INT32_MAX
 from ptq.quant.symbolic import Sym
@@ -45,7 +46,7 @@ def _width(lo: int, hi: int) -> tuple[int, bool]:
     return max(hi.bit_length(), (-lo - 1).bit_length()) + 1, True
 
 
-class OnnxGraph:
+class OnnxGraph(CodesOps):
     """Builds the integer ONNX graph as the model's forward calls it (see module docstring)."""
 
     def __init__(self) -> None:
@@ -315,8 +316,7 @@ class OnnxGraph:
         """Attention's ``q @ k^T`` / ``probs @ v`` between two activations."""
         self.em.scope = f"gemm:{name}"
         acc, bound, dt = self._matmul(a, b, a.shape[-1], b.bound)
-        acc = self.em.op("Identity", [acc], out=name)
-        shape = (*a.shape[:-1], b.shape[-1])
+        acc, shape = self.em.op("Identity", [acc], out=name), (*a.shape[:-1], b.shape[-1])
         return self._out(acc, shape, dt, -bound, bound, kind="accumulator", bits=ACC_BITS, signed=True, matmul=kind)
 
     # -- kernels --------------------------------------------------------------------------------

@@ -279,3 +279,27 @@ def layernorm_scaled(em: Emitter, q: str, channels: int) -> str:
         k = em.op("Div", [em.op("Add", [k, em.op("Div", [var, k])]), em.const(2)])
     f = em.op("Div", [em.const(INT32_MAX), k])
     return em.op("Mul", [d, f])
+
+
+def logsqrt2_probs(em: Emitter, p: str, out: str) -> str:
+    """logsqrt2 probabilities (docs/act-quantizers.md) of int64 probability integers ``p`` in [0, 2**15].
+
+    ``L = round(2 log2 p)`` is the number of thresholds ``2**(2j - 1)`` (j = 1..30) that ``p**4``
+    reaches (``p**4 <= 2**60``); the code is ``30 - L``, and the output a table lookup of ``L``:
+    ``M[c mod 2] * 2**(7 - c // 2)`` for codes ``c <= 14`` (``M = 256, 181``), 0 beyond.
+    """
+    p2 = em.op("Mul", [p, p])
+    p4 = em.op("Unsqueeze", [em.op("Mul", [p2, p2]), em.const([-1])])
+    thr = em.const([1 << (2 * j - 1) for j in range(1, 31)], hint="logsqrt2thr")
+    lg = em.op("ReduceSum", [em.op("Cast", [em.op("GreaterOrEqual", [p4, thr])], to=I64), em.const([-1])],
+               keepdims=0)
+    table = [0] * 31
+    for c in range(15):
+        table[30 - c] = (256 if c % 2 == 0 else 181) << (7 - c // 2)
+    return em.op("Gather", [em.const(table, hint="logsqrt2tbl"), lg], out=out)
+
+
+def twin_select(em: Emitter, fine: str, coarse: str, k: int, hi1: int, out: str) -> str:
+    """Twin-uniform's integer form from int32 fine and coarse codes: ``coarse * 2**k`` where ``fine > hi1``, else ``fine``."""
+    wide = em.op("Mul", [coarse, em.const(1 << k, np.int32)])
+    return em.op("Where", [em.op("Greater", [fine, em.const(hi1, np.int32)]), wide, fine], out=out)

@@ -164,7 +164,7 @@ def left_float(group: Group) -> Iterator[None]:
 
 
 def _narrow_softmax(a: QAttention, bits: int) -> bool:
-    return a.backend.softmax_log2 or a.backend.softmax_out_bits < bits
+    return a.backend.probs_codes != "uniform" or a.backend.softmax_out_bits < bits
 
 
 def raisable(group: Group, bits: int) -> int:
@@ -187,5 +187,6 @@ def raised(group: Group, bits: int) -> Iterator[None]:
         for a in group.shiftmax:
             if _narrow_softmax(a, bits):
                 out_bits = max(a.backend.softmax_out_bits, bits)
-                a.backend = dataclasses.replace(a.backend, softmax_out_bits=out_bits, softmax_log2=False)
+                a.backend = dataclasses.replace(a.backend, softmax_out_bits=out_bits, softmax_log2=False,
+                                                probs="uniform")
         yield

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptq.quant import audit, ivit
+from ptq.quant import actcodes, audit, ivit
 from ptq.quant.qtensor import FLOAT32_EXACT, QTensor, ste_attach
 from ptq.quant.quantizers import ActQuantizer
 from ptq.quant.symbolic import graph_of
@@ -36,6 +36,11 @@ def _shiftmax(q: Tensor, s: Tensor, n: int, out_bits: int, keep: Tensor | None =
 @torch.library.custom_op("ptq::log2_probs", mutates_args=())
 def _log2_probs(p: Tensor) -> tuple[Tensor, Tensor]:
     return ivit.log2_probs(p)
+
+
+@torch.library.custom_op("ptq::logsqrt2_probs", mutates_args=())
+def _logsqrt2_probs(p: Tensor) -> tuple[Tensor, Tensor]:
+    return actcodes.logsqrt2_probs(p)
 
 
 @torch.library.custom_op("ptq::shift_gelu", mutates_args=())
@@ -59,6 +64,7 @@ def _(q: Tensor, *_: object) -> tuple[Tensor, Tensor]:
 
 
 _log2_probs.register_fake(_ints_and_scalar)
+_logsqrt2_probs.register_fake(_ints_and_scalar)
 
 
 @_shift_gelu.register_fake
@@ -91,15 +97,55 @@ class Backend:
     gelu_n: int = 23
     gelu_sig_bits: int = 8
     softmax_log2: bool = False  # probabilities as powers of two (ivit.log2_probs), 4-bit codes
+    probs: str = "uniform"  # aquant.probs: the probabilities' codes (ptq.quant.actcodes.PROBS)
 
     @property
     def integer(self) -> bool:
         return self.name == "ivit"
 
     @property
+    def probs_codes(self) -> str:
+        """The probabilities' codes: ``log2`` with ``softmax_log2``, else ``probs``."""
+        return "log2" if self.softmax_log2 else self.probs
+
+    @property
     def probs_bits(self) -> int:
-        """Width of the ivit probabilities: UINT(out_bits), or UINT15 powers of two with log2."""
-        return ivit.LOG2_SCALE_BITS + 1 if self.softmax_log2 else self.softmax_out_bits
+        """Width of the ivit probabilities: UINT(out_bits), UINT15 powers of two with log2, UINT16 with logsqrt2
+        (the twin's width is its quantizer's, ``ActQuantizer.out_bits``)."""
+        return {"log2": ivit.LOG2_SCALE_BITS + 1, "logsqrt2": actcodes.PROB_BITS}.get(self.probs_codes,
+                                                                                    self.softmax_out_bits)
+
+    def _coded(self, x: QTensor, out_q: ActQuantizer, name: str, keep: Tensor | None) -> QTensor:
+        """Probabilities with non-uniform codes (``probs_codes`` log2, logsqrt2, twin) in quant mode.
+
+        The probability integers ``P`` (``actcodes``) come from a 16-bit Shiftmax (ivit) or from the
+        float softmax (fp); log2 / logsqrt2 map them to their integer form, twin goes through ``out_q``.
+        In training the float softmax's gradient passes straight through.
+        """
+        codes, ps = self.probs_codes, torch.tensor(2.0**-actcodes.PROB_SCALE_BITS, device=x.v.device)
+        g = graph_of(x.v) if self.integer else None
+        if g is not None:  # exporting
+            p = g.shiftmax(x.v, x.s, self.softmax_n, actcodes.PROB_BITS, name + ".shiftmax", keep)
+            if codes == "twin":
+                return out_q(QTensor(p, ps, actcodes.PROB_BITS, signed=False))
+            p = g.log2_probs(p, name) if codes == "log2" else g.logsqrt2_probs(p, name)
+            _, s = (ivit.log2_probs if codes == "log2" else actcodes.logsqrt2_probs)(torch.zeros(1, dtype=torch.int64))
+            return QTensor(p, s.to(torch.float32), self.probs_bits, signed=False)
+        with torch.no_grad():
+            if self.integer:
+                p, _ = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, actcodes.PROB_BITS, keep)
+            else:
+                p = actcodes.prob_ints(_float_softmax(x.real().detach(), keep)).to(torch.float32)
+        soft = _float_softmax(x.real(), keep) if _needs_grad(x) else None
+        if codes == "twin":
+            v = ste_attach(p, soft / ps) if soft is not None else p
+            return out_q(QTensor(v, ps, actcodes.PROB_BITS, signed=False))
+        with torch.no_grad():
+            q, s = (_log2_probs if codes == "log2" else _logsqrt2_probs)(p)
+        audit.record(name, q, self.probs_bits, signed=False)
+        s = s.to(torch.float32)
+        v = ste_attach(q, soft / s) if soft is not None else q.to(torch.float32)
+        return QTensor(v, s, self.probs_bits, signed=False)
 
     def softmax(self, x: QTensor, out_q: ActQuantizer, name: str = "softmax", keep: Tensor | None = None) -> QTensor:
         """Attention probabilities; the ivit output is UINT(out_bits) at scale 2^-(out_bits-1).
@@ -108,26 +154,20 @@ class Backend:
         entries get probability exactly 0 from both ops: the float softmax reads them as -inf, the
         masked Shiftmax zeroes their exponential (docs/swin.md).
 
-        With ``softmax_log2`` they are powers of two (:func:`ptq.quant.ivit.log2_probs` of a
-        16-bit Shiftmax) at scale 2^-14. With ``out_q`` off (probabilities left float by a
-        sensitivity scan, ``ptq.quant.groups``) the float op runs; export never sees that state.
+        Non-uniform codes (``probs_codes``: log2, logsqrt2, twin; ``docs/act-quantizers.md``) come
+        from :meth:`_coded`. With ``out_q`` off (probabilities left float by a sensitivity scan,
+        ``ptq.quant.groups``) the float op runs; export never sees that state.
         """
+        if self.probs_codes != "uniform" and out_q.mode == "quant" and x.integer:
+            return self._coded(x, out_q, name, keep)
         g = graph_of(x.v) if self.integer and x.integer else None
-        if g is not None:  # exporting: the kernels as graph nodes, their output scales from the kernels
-            bits = ivit.LOG2_IN_BITS if self.softmax_log2 else self.softmax_out_bits
-            p = g.shiftmax(x.v, x.s, self.softmax_n, bits, name + (".shiftmax" if self.softmax_log2 else ""), keep)
-            _, s = ivit.shiftmax(torch.zeros(1, 1), x.s, self.softmax_n, bits)
-            if self.softmax_log2:
-                p = g.log2_probs(p, name)
-                _, s = ivit.log2_probs(torch.zeros(1, dtype=torch.int64))
+        if g is not None:  # exporting: the kernel as graph nodes, its output scale from the kernel
+            p = g.shiftmax(x.v, x.s, self.softmax_n, self.softmax_out_bits, name, keep)
+            _, s = ivit.shiftmax(torch.zeros(1, 1), x.s, self.softmax_n, self.softmax_out_bits)
             return QTensor(p, s.to(torch.float32), self.probs_bits, signed=False)
         if self.integer and x.integer and out_q.mode != "off":
             with torch.no_grad():
-                if self.softmax_log2:
-                    p, _ = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, ivit.LOG2_IN_BITS, keep)
-                    p, s = _log2_probs(p)
-                else:
-                    p, s = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, self.softmax_out_bits, keep)
+                p, s = _shiftmax(x.v.detach(), x.s.detach(), self.softmax_n, self.softmax_out_bits, keep)
             audit.record(name, p, self.probs_bits, signed=False)
             s = s.to(torch.float32)
             soft = _float_softmax(x.real(), keep) / s if _needs_grad(x) else None

@@ -19,12 +19,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ptq.quant import audit, fused, requant
+from ptq.quant import actcodes, audit, fused, requant
 from ptq.quant.qtensor import QTensor, fake_quant, grad_scale, qmax, qrange
 from ptq.quant.symbolic import graph_of
 
 SCALE_EPS = 1e-8
 ACT_METHODS = ("movavg", "mse", "percentile")
+ACT_CODES = ("uniform", "twin")
 HIST_BINS = 2048  # bins of |x| over [0, max |x| seen] for the mse / percentile searches
 
 
@@ -116,11 +117,16 @@ class ActQuantizer(nn.Module):
     MODES = ("off", "observe", "histogram", "quant", "qdq")  # qdq: the QDQ export's float function (ptq.intexec.qdq)
 
     def __init__(self, bits: int, signed: bool = True, momentum: float = 0.95, enabled: bool = True,
-                 method: str = "movavg", percentile: float = 99.99, grid: int = 100) -> None:
+                 method: str = "movavg", percentile: float = 99.99, grid: int = 100, codes: str = "uniform") -> None:
         super().__init__()
         if method not in ACT_METHODS:
             raise ValueError(f"method {method!r} is not one of {ACT_METHODS}")
+        if codes not in ACT_CODES:
+            raise ValueError(f"codes {codes!r} is not one of {ACT_CODES}")
         self.bits, self.signed, self.momentum, self.enabled = bits, signed, momentum, enabled
+        self.codes = codes  # uniform, or twin (ptq.quant.actcodes: fine step `scale`, coarse `scale * 2**shift`)
+        if codes == "twin":
+            self.register_buffer("shift", torch.zeros((), dtype=torch.long))
         self.method, self.percentile, self.grid = method, percentile, grid
         self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer("running_absmax", torch.zeros(()))
@@ -134,8 +140,8 @@ class ActQuantizer(nn.Module):
 
     @property
     def searched(self) -> bool:
-        """Whether the step comes from a histogram search (a second calibration pass)."""
-        return self.method != "movavg" and self.enabled
+        """Whether the step comes from a histogram search (a second calibration pass; always for twin)."""
+        return (self.method != "movavg" or self.codes == "twin") and self.enabled
 
     # -- state -------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -173,7 +179,13 @@ class ActQuantizer(nn.Module):
             return
         if int(self.n_batches) == 0:
             raise RuntimeError(f"activation quantizer {self.name or '?'} saw no calibration data")
-        if self.searched and float(self.hist.sum()) > 0:
+        if self.codes == "twin":
+            if float(self.hist.sum()) <= 0:
+                raise RuntimeError(f"twin quantizer {self.name or '?'} saw no nonzero calibration data")
+            s, k = actcodes.twin_search(self.hist, self.seen_max, self.bits, self.signed, self.grid)
+            self.scale.copy_(s)
+            self.shift.fill_(k)
+        elif self.searched and float(self.hist.sum()) > 0:
             clip = search_clip(self.hist, self.seen_max, self.bits, self.signed, self.method, self.percentile,
                                self.grid)
             self.scale.copy_(absmax_scale(clip, self.bits, self.signed))
@@ -189,8 +201,32 @@ class ActQuantizer(nn.Module):
         return grad_scale(self.scale, 1.0 / math.sqrt(per_sample * qmax(self.bits, self.signed)))
 
     def _emit(self, q: Tensor, s: Tensor) -> QTensor:
-        audit.record(self.name, q, self.bits, self.signed)
-        return QTensor(q, s, self.bits, self.signed)
+        bits = self.out_bits
+        audit.record(self.name, q, bits, self.signed)
+        return QTensor(q, s, bits, self.signed)
+
+    @property
+    def out_bits(self) -> int:
+        """Width of the integers this quantizer emits (twin: its integer form at the fine scale)."""
+        return actcodes.twin_bits(self.bits, int(self.shift), self.signed) if self.codes == "twin" else self.bits
+
+    def _twin(self, x: QTensor) -> QTensor:
+        """Twin-uniform codes (``ptq.quant.actcodes``): integer form at the fine scale ``self.scale``."""
+        k = int(self.shift)
+        g = graph_of(x.v)
+        if g is not None:  # exporting: two requantizations and the select, as graph nodes
+            if not x.integer:
+                raise ValueError(f"{self.name}: twin codes are exported only of integer inputs")
+            rf, rc = requant.multiplier(x.s, self.scale), requant.multiplier(x.s, actcodes.coarse_scale(self.scale, k))
+            v = g.twin(x.v, rf, rc, k, *actcodes.twin_ranges(self.bits, self.signed), self.name)
+            return QTensor(v, self.scale, self.out_bits, self.signed)
+        s = self._step(x.v)
+        if x.integer and not torch.is_grad_enabled():
+            q = actcodes.twin_int(x.v, x.s, self.scale.detach(), k, self.bits, self.signed).to(torch.float32)
+            return self._emit(q, s.detach())
+        real = x.real()
+        q = actcodes.twin_float(real, s, k, self.bits, self.signed)
+        return self._emit(self._drop(real, s, q) if torch.is_grad_enabled() else q, s)
 
     def forward(self, x: QTensor) -> QTensor:
         if self.mode == "off":
@@ -204,6 +240,8 @@ class ActQuantizer(nn.Module):
             elif self.searched:
                 self.count(real)
             return QTensor.from_float(real)
+        if self.codes == "twin":
+            return self._twin(x)
         g = graph_of(x.v)
         if g is not None:  # exporting the integer program: the same step and multiplier, as graph nodes
             lo, hi = qrange(self.bits, self.signed)
@@ -271,5 +309,6 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "int" if self.signed else "uint"
-        return (f"{kind}{self.bits}, {self.method}, momentum={self.momentum}, enabled={self.enabled}, "
+        twin = f", twin shift={int(self.shift)}" if self.codes == "twin" else ""
+        return (f"{kind}{self.bits}{twin}, {self.method}, momentum={self.momentum}, enabled={self.enabled}, "
                 f"mode={self.mode}")

@@ -48,6 +48,7 @@ class QuantSettings:
     act_percentile: float = 99.99
     act_grid: int = 100
     kernel_in_bits: int | None = None  # width of the Softmax / GELU inputs (None: abits)
+    gelu_out: str = "uniform"  # the GELU output's codes: uniform or twin (ptq.quant.actcodes)
 
     def kernel_input(self) -> ActQuantizer:
         """The quantizer in front of Shiftmax / ShiftGELU: A``kernel_in_bits`` (the spec's INT8) or A``abits``.
@@ -69,11 +70,16 @@ class QuantSettings:
         return q
 
     def act(self, bits: int | None = None, signed: bool = True, enabled: bool = True,
-            method: str | None = None) -> ActQuantizer:
+            method: str | None = None, codes: str = "uniform") -> ActQuantizer:
         """A new activation quantizer: A``bits`` (default ``abits``), step by ``method`` (default ``act_method``)."""
         width = bits if bits is not None else (self.abits or 8)
         return ActQuantizer(width, signed, self.momentum, enabled=enabled and self.abits is not None,
-                            method=method or self.act_method, percentile=self.act_percentile, grid=self.act_grid)
+                            method=method or self.act_method, percentile=self.act_percentile, grid=self.act_grid,
+                            codes=codes)
+
+    def probs(self) -> ActQuantizer:
+        """The attention probabilities' quantizer: UINT``abits``, twin codes with ``aquant.probs=twin``."""
+        return self.act(signed=False, codes="twin" if self.backend.probs_codes == "twin" else "uniform")
 
 
 class QLinear(nn.Module):
@@ -202,7 +208,7 @@ class QAttention(_PreNorm):
         self.qkv = QLinear(bp.qkv_w, bp.qkv_b, st.wbits, "qkv")
         self.q_q, self.k_q, self.v_q = st.act(), st.act(), st.act()
         self.scores_q = st.kernel_input()
-        self.probs_q = st.act(signed=False)
+        self.probs_q = st.probs()
         self.ctx_q = st.act()
         self.proj = QLinear(bp.proj_w, bp.proj_b, st.wbits, "attn_out")
         self.res_q = st.residual()
@@ -249,7 +255,7 @@ class QMLP(_PreNorm):
         self.ln_q = st.act()
         self.fc1 = QLinear(bp.fc1_w, bp.fc1_b, st.wbits, "fc1")
         self.fc1_q = st.kernel_input()
-        self.gelu_q = st.act()
+        self.gelu_q = st.act(codes=st.gelu_out)
         self.fc2 = QLinear(bp.fc2_w, bp.fc2_b, st.wbits, "fc2")
         self.res_q = st.residual()
 
