@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class WQuantConfig:
-    """Weight quantizer: ``none``, ``absmax`` (per-channel, nearest) or ``adaround``."""
+    """Weight quantizer: ``none``, ``absmax`` (per-channel, nearest), ``adaround`` or ``gptq``."""
 
     name: str = "absmax"
 
@@ -120,6 +120,16 @@ class AdaRoundConfig:
 
 
 @dataclass
+class GPTQConfig:
+    """GPTQ (Frantar et al., 2023) on the absmax grid, one linear at a time in forward order (docs/gptq.md)."""
+
+    damp: float = 0.01  # damping added to the Hessian diagonal, relative to its mean
+    block_size: int = 128  # columns per lazy-update block
+    calib_images: int = 1024  # calibration images the Hessians X^T X are accumulated over
+    act_order: bool = False  # quantize columns in decreasing order of diag(H)
+
+
+@dataclass
 class LSQConfig:
     enabled: bool = True
     lr: float = 4e-5
@@ -159,6 +169,7 @@ class Config:
     nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)
     granularity: GranularityConfig = field(default_factory=GranularityConfig)
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
     lsq: LSQConfig = field(default_factory=LSQConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -191,7 +202,7 @@ MODELS: dict[str, str] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": tuple(MODELS),
     "data.name": ("digits", "imagenet"),
-    "wquant.name": ("none", "absmax", "adaround"),
+    "wquant.name": ("none", "absmax", "adaround", "gptq"),
     "aquant.name": ("none", "movavg", "mse", "percentile"),
     "nonlinear.name": ("fp", "ivit"),
     "granularity.name": ("layer", "block", "encoder", "model"),
@@ -282,6 +293,9 @@ def validate(cfg: Any) -> None:
     check("adaround.beta_start", ada.beta_start >= ada.beta_end > 0, "beta_start >= beta_end > 0")
     check("adaround.early_stop", ada.early_stop >= 0, "a non-negative threshold")
     check("adaround.qdrop_prob", 0.0 <= ada.qdrop_prob < 1.0, "a probability in [0, 1)")
+    check("gptq.damp", cfg.gptq.damp > 0, "a positive damping (fraction of the mean Hessian diagonal)")
+    check("gptq.block_size", cfg.gptq.block_size >= 1, "a positive number of columns")
+    check("gptq.calib_images", cfg.gptq.calib_images >= 1, "a positive number of images")
     check("lsq.lr", cfg.lsq.lr > 0, "a positive learning rate")
     check("sensitivity.eval_images", cfg.sensitivity.eval_images >= 1, "a positive number of images")
     check("sensitivity.high_bits", 2 <= cfg.sensitivity.high_bits <= 16, "an integer from 2 to 16")
@@ -318,6 +332,7 @@ def validate(cfg: Any) -> None:
 _INERT: tuple[tuple[tuple[str, ...], Any, str], ...] = (
     (("granularity", "adaround.", "lsq."), lambda c: c.wquant.name != "adaround",
      "they apply only to wquant=adaround (got wquant={wquant})"),
+    (("gptq.",), lambda c: c.wquant.name != "gptq", "they apply only to wquant=gptq (got wquant={wquant})"),
     (("wbits",), lambda c: c.wquant.name == "none", "weights stay float with wquant=none"),
     (("abits", "aquant.", "lsq."), lambda c: c.aquant.name == "none",
      "activations stay float with aquant=none"),

@@ -14,7 +14,9 @@ A *row* is the dict stored under ``metrics.json["row"]``::
 
 plus ``"ln_reparam": True``, ``"kernel_in_bits": 8``, ``softmax["log2"] = True``, ``"probs": "logsqrt2" | "twin"``,
 ``"gelu_out": "twin"`` (docs/act-quantizers.md), ``"qdrop": 0.5`` (AdaRound's QDrop probability) and
-``"recon_loss": "fisher"`` when those options are on.
+``"recon_loss": "fisher"`` when those options are on, and
+``"gptq": {"damp": 0.01, "act_order": False}`` for wquant=gptq (named ``W4A8-gptq[-actorder][-damp0.1]-...``:
+the default damping unnamed).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 FLOAT_BITS = 32
 PROBS_PARTS = {"logsqrt2": "logsqrt2", "twin": "ptwin"}  # row-name part of aquant.probs (log2: "log2")
+GPTQ_DAMP = 0.01  # gptq.damp's default (ptq.config.GPTQConfig): rows at it are not named by it
 
 
 def effective_bits(row: Mapping[str, Any]) -> tuple[int, int]:
@@ -45,6 +48,12 @@ def row_name(row: Mapping[str, Any]) -> str:
             parts.append(f"qdrop{row['qdrop']:g}")
         if row.get("recon_loss"):
             parts.append(str(row["recon_loss"]))
+    if row.get("wquant") == "gptq":
+        g = row.get("gptq") or {}
+        if g.get("act_order"):
+            parts.append("actorder")
+        if g.get("damp", GPTQ_DAMP) != GPTQ_DAMP:
+            parts.append(f"damp{g['damp']:g}")
     if row.get("aquant") in ("mse", "percentile"):
         parts.append(str(row["aquant"]))
     if row.get("ln_reparam"):

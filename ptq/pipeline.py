@@ -78,13 +78,19 @@ def stage(seconds: dict[str, float], name: str, progress: Progress | None = None
 
 def reconstruct(cfg: Any, qmodel: QuantModel, fp_model: nn.Module, calib_source: Any, device: torch.device,
                 run_dir: Path, metrics: dict[str, Any], progress: Progress | None = None) -> None:
-    """Weight reconstruction stage: AdaRound for ``wquant=adaround``, else nothing."""
+    """Weight reconstruction stage: AdaRound for ``wquant=adaround``, GPTQ for ``wquant=gptq``, else nothing."""
+    on_unit = progress.unit_done if progress is not None else None
+    if cfg.wquant.name == "gptq":
+        from ptq.recon import gptq
+
+        gptq.reconstruct_model(cfg, qmodel, calib_source, device, metrics, on_unit=on_unit)
+        return
     if cfg.wquant.name != "adaround":
         return
     from ptq.recon.adaround import reconstruct_model
 
     reconstruct_model(cfg, qmodel, fp_model, calib_source, device, run_dir, metrics,
-                      on_unit=progress.unit_done if progress is not None else None)
+                      on_unit=on_unit)
 
 
 def check_inputs(cfg: Any) -> None:

@@ -243,9 +243,9 @@ def top1_on_digits(models: dict[str, bytes], size: int) -> dict[str, float]:
 
 def run_onnx_bench(names: list[str], quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
     """Export float / W8A8 / W4A8 of each model, time them interleaved on onnxruntime, profile W8A8."""
-    from ptq.bench.plans import PLANS, build_model, images_for
-
     import os
+
+    from ptq.bench.plans import PLANS, build_model, images_for
 
     result: dict[str, Any] = {"models": {}, "runtime": f"onnxruntime {ort.__version__}", "threads": THREADS,
                               "quick": quick, "load": round(os.getloadavg()[0], 1)}

@@ -1,6 +1,7 @@
 """Quantizers: small modules with explicit state (scale buffers), torchao/Brevitas style.
 
 - :class:`WeightQuantizer`: symmetric per-output-channel absmax, nearest rounding.
+- :class:`CodeQuantizer`: the same grid with integer codes chosen by a reconstruction (GPTQ).
 - :class:`ActQuantizer`: symmetric per-tensor; its step from the moving-average absmax
   (``movavg``), or searched over a histogram of the calibration activations (``mse``:
   the clipping that minimises the tensor's quantization error; ``percentile``: clip at a
@@ -89,6 +90,26 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.scale.numel()}"
+
+
+class CodeQuantizer(WeightQuantizer):
+    """The absmax grid of :class:`WeightQuantizer` with integer codes chosen elsewhere (GPTQ), held as a buffer.
+
+    The scale is the absmax one of ``weight`` (the same as nearest rounding's); ``codes`` must lie in
+    the signed ``bits`` range. ``forward`` ignores the float weight and returns the codes.
+    """
+
+    def __init__(self, weight: Tensor, bits: int, codes: Tensor) -> None:
+        super().__init__(weight, bits)
+        lo, hi = qrange(bits)
+        if codes.shape != weight.shape:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} for a weight of shape {tuple(weight.shape)}")
+        if bool((codes != torch.round(codes)).any()) or int(codes.min()) < lo or int(codes.max()) > hi:
+            raise ValueError(f"codes must be integers in [{lo}, {hi}]")
+        self.register_buffer("codes", codes.detach().to(torch.int8).to(weight.device))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return self.codes.to(weight.dtype)
 
 
 def qdq_pair(x: Tensor, scale: Tensor, lo: int, hi: int) -> Tensor:

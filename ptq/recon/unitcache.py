@@ -1,4 +1,5 @@
-"""The unit cache of AdaRound: a unit's inputs and float targets over the calibration images.
+"""The unit cache of AdaRound: a unit's inputs and float targets over the calibration images (and GPTQ's
+input Gram matrix, ``capture_gram``).
 
 Captured once per unit by running the model only up to the unit (a forward hook stops it),
 then stored on the host; every training iteration takes a batch from it (BRECQ's loop).
@@ -92,6 +93,38 @@ def capture(model: nn.Module, unit: nn.Module, images: Tensor, device: torch.dev
     finally:
         handle.remove()
     return Cached.pack(got)
+
+
+@torch.no_grad()
+def capture_gram(model: nn.Module, unit: nn.Module, images: Tensor, device: torch.device,
+                 batch_size: int) -> Tensor:
+    """``X^T X / N`` (float64) of the unit's real input over ``images``, its rows every token of every image.
+
+    GPTQ's Hessian of a linear: accumulated batch by batch while the model runs only up to the unit, so the
+    inputs themselves are never stored.
+    """
+    gram: list[Tensor] = []
+    rows_seen = [0]
+
+    def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+        x = as_real(args[0]).detach()
+        x = x.reshape(-1, x.shape[-1]).double()
+        if not gram:
+            gram.append(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device))
+        gram[0].addmm_(x.t(), x)
+        rows_seen[0] += x.shape[0]
+        raise _Stop
+
+    handle = unit.register_forward_hook(hook)
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            try:
+                model(images[start:start + batch_size].to(device))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return gram[0] / max(1, rows_seen[0])
 
 
 def capture_fisher(model: nn.Module, unit: nn.Module, images: Tensor, device: torch.device,

@@ -22,7 +22,8 @@ LABELS = ["[W]", "[A]", "W", "A", "SoftMax", "GELU", "LN", "IdAdd"]
 
 
 GRANULARITY = ("layer", "block", "encoder", "model")
-WQUANT_RANK = {"none": 0, "absmax": 1, **{f"adaround:{g}": 2 + i for i, g in enumerate(GRANULARITY)}}
+WQUANT_RANK = {"none": 0, "absmax": 1, **{f"adaround:{g}": 2 + i for i, g in enumerate(GRANULARITY)},
+               "gptq": 2 + len(GRANULARITY)}
 NONLINEAR_RANK = {"fp": 0, "ivit": 1}
 FAILED_COLUMNS = ["name", "dir", "error"]
 A_LABELS = {"movavg": "Mov", "mse": "MSE", "percentile": "Pct"}
@@ -41,6 +42,8 @@ def _labels(row: Mapping[str, Any]) -> dict[str, Any]:
             wl += "+QDrop"
         if row.get("recon_loss") == "fisher":
             wl += "+Fisher"
+    elif wq == "gptq":
+        wl = "GPTQ+ActOrder" if (row.get("gptq") or {}).get("act_order") else "GPTQ"
     else:
         wl = "-" if wq == "none" else str(wq)
     if aq == "none":

@@ -1,0 +1,121 @@
+"""GPTQ (Frantar et al., 2023) on the per-channel absmax grid: the ``wquant=gptq`` reconstruction stage.
+
+Each linear of the ``QuantModel`` in forward order: its input Gram matrix ``H = X^T X / N`` over the
+calibration images is accumulated from the quantized model (earlier linears already hold their GPTQ
+codes: sequential GPTQ, ``ptq.recon.unitcache.capture_gram``), then :func:`gptq_codes` picks the
+integer codes column by column, feeding each column's rounding error forward to the columns not yet
+quantized through the Cholesky factor of ``H^-1``. The grid is the absmax one of nearest rounding
+(``ptq.quant.quantizers.absmax_scale``, clamped to the same signed range); the codes go into a
+``CodeQuantizer``, which the integer program, the QDQ export and ``quant_state.pt`` read as they read
+any weight quantizer. Exact definitions: docs/gptq.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ptq.data.build import loader, subset
+from ptq.quant.qtensor import qrange
+from ptq.quant.quantizers import CodeQuantizer, WeightQuantizer, channel_view
+from ptq.quant.vit import QuantModel
+from ptq.recon.unitcache import capture_gram
+
+log = logging.getLogger(__name__)
+
+DAMP_RETRIES = 4  # a Hessian that is not positive definite after damping: retry with 10x the damping
+
+
+def _inverse_factor(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U`` is that inverse)."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean = h.diagonal().mean()
+    for attempt in range(DAMP_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(h + eye * (damp * 10.0 ** attempt * mean))
+        if int(info) == 0:
+            if attempt:
+                log.warning("GPTQ: Hessian needed damping %.3g (not %.3g) to be positive definite",
+                            damp * 10.0 ** attempt, damp)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    raise FloatingPointError(f"GPTQ: Hessian is not positive definite even at damping {damp * 10.0 ** DAMP_RETRIES:g}")
+
+
+@torch.no_grad()
+def gptq_codes(w_s: Tensor, h: Tensor, bits: int, damp: float = 0.01, block_size: int = 128,
+               act_order: bool = False) -> Tensor:
+    """Integer codes of ``w_s = W / s`` (weights in units of their row's step) minimising ``||X (W - s Q)^T||``.
+
+    ``h`` is the input Gram matrix ``X^T X / N`` ([in, in]). Columns whose input is always zero
+    (``H_jj = 0``) get code 0 and no Hessian. Column ``j`` (in ``diag(H)``-descending order when
+    ``act_order``) is rounded to the nearest code in ``qrange(bits)``; its error ``(w_j - q_j) / U_jj``
+    times row ``j`` of ``U`` is subtracted from the later columns, inside a block of ``block_size``
+    columns at once and from the columns after the block in one matrix product when it ends (the same
+    result for any block size, up to float64 rounding). All rows at once; float64 throughout.
+    """
+    lo, hi = qrange(bits)
+    w = w_s.detach().double().clone()
+    h = h.detach().double().clone()
+    n = w.shape[1]
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = _inverse_factor(h, damp)
+    q = torch.zeros_like(w)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        err = torch.zeros_like(w1)
+        for j in range(i2 - i1):
+            q[:, i1 + j] = torch.clamp(torch.round(w1[:, j]), lo, hi)
+            err[:, j] = (w1[:, j] - q[:, i1 + j]) / u1[j, j]
+            w1[:, j:] -= err[:, j:j + 1] * u1[j:j + 1, j:]
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    out = torch.empty_like(q)
+    out[:, perm] = q
+    return out.to(w_s.dtype)
+
+
+def output_error(weight: Tensor, codes: Tensor, scale: Tensor, h: Tensor) -> float:
+    """``||X (W - s Q)^T||^2 / N`` from the Gram matrix: ``trace(D H D^T)``, ``D = W - s Q``."""
+    d = weight.double() - codes.double() * channel_view(scale, weight).double()
+    return float(((d @ h.double()) * d).sum())
+
+
+def reconstruct_model(cfg: Any, qmodel: QuantModel, calib_source: Any, device: torch.device, metrics: dict[str, Any],
+                      on_unit: Callable[[int, int, str], None] | None = None) -> None:
+    """Replace every weight quantizer of ``qmodel`` by GPTQ codes, linear by linear in forward order.
+
+    ``metrics["gptq_layers"]``: per linear, the relative output error ``||X (W - sQ)^T||^2 / ||X W^T||^2``
+    of GPTQ's codes and of nearest rounding's, and its seconds.
+    """
+    g = cfg.gptq
+    qmodel.to(device)
+    calib = subset(calib_source, g.calib_images, int(cfg.seed) + 1)  # AdaRound's calibration images
+    images = torch.cat([x for x, _ in loader(calib, cfg.data.batch_size, cfg.data.num_workers, torch.device("cpu"))])
+    linears = [lin for lin in qmodel.linears() if lin.wq is not None]
+    records: list[dict[str, Any]] = []
+    for i, lin in enumerate(tqdm(linears, desc="gptq", unit="linear", leave=False)):
+        t0 = time.perf_counter()
+        h = capture_gram(qmodel, lin, images, device, cfg.data.batch_size)
+        nearest = WeightQuantizer(lin.weight, lin.wq.bits).to(device)
+        w_s = lin.weight.detach() / channel_view(nearest.scale, lin.weight)
+        codes = gptq_codes(w_s, h, lin.wq.bits, float(g.damp), int(g.block_size), bool(g.act_order))
+        lin.wq = CodeQuantizer(lin.weight, lin.wq.bits, codes).to(device)
+        ref = max(float(((lin.weight.double() @ h) * lin.weight.double()).sum()), 1e-30)
+        rec = {"name": lin.name, "err_gptq": output_error(lin.weight, codes, nearest.scale, h) / ref,
+               "err_nearest": output_error(lin.weight, nearest(lin.weight), nearest.scale, h) / ref,
+               "seconds": round(time.perf_counter() - t0, 3)}
+        records.append(rec)
+        log.info("gptq %d/%d %s: relative output error %.4g (nearest %.4g)", i + 1, len(linears), lin.name,
+                 rec["err_gptq"], rec["err_nearest"])
+        if on_unit is not None:
+            on_unit(i + 1, len(linears), lin.name)
+    metrics["gptq_layers"] = records
