@@ -303,6 +303,7 @@ def onnx_table(result: dict[str, Any]) -> str:
 def render_onnx_section(result: dict[str, Any]) -> str:
     """The onnx block (docs/deployment.md): how it was measured, the table, and the ratios against their targets."""
     command = result.get("command", "python -m ptq.bench --onnx")
+    load = f"; load average {result['load']:.1f} when it started" if "load" in result else ""
     lines = [f"Measured by `{command}{' --quick' if result['quick'] else ''}` on "
              f"{result.get('created', '')[:10]} with {result['runtime']} (CPU execution provider, "
              f"{result['threads']} threads, {result.get('cpu', 'this machine')}): the float model exported by "
@@ -312,7 +313,7 @@ def render_onnx_section(result: dict[str, Any]) -> str:
              "the calibrated W8A8 model (`qdq_w8a8`, `ptq.intexec.qdq`) and onnxruntime's own `quantize_static` "
              "of the float model (`static_w8a8`: QDQ, per-channel int8 weights, the same calibration images), "
              "timed interleaved in one process (median of the rounds"
-             f"{'; load average %.1f when it started' % result['load'] if 'load' in result else ''}). "
+             f"{load}). "
              "Ratios are model time / float time: below 1 is faster; `qdq_vs_static` is ptq's QDQ model's time "
              "over `quantize_static`'s.", "",
              onnx_table(result), ""]
