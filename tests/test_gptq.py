@@ -42,7 +42,7 @@ def fc1() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lin = q.blocks[1].mlp.fc1
     x = capture(q, lin, images, cpu, "input", 32)
     x = as_real(x.take(torch.arange(len(x)), cpu)).reshape(-1, lin.weight.shape[1]).double()
-    h = capture_gram(q, lin, images, cpu, 32)
+    h = capture_gram(q, lin, [images[:32], images[32:]])
     assert torch.allclose(h, x.t() @ x / x.shape[0], rtol=1e-10, atol=1e-12)  # the Gram capture is X^T X / N
     return lin.weight.detach().clone(), lin.wq.scale.clone(), x
 
