@@ -140,3 +140,12 @@ def test_gptq_options_inert_without_gptq(compose_cfg) -> None:
     cfg = compose_cfg("gptq.damp=0.1")
     assert any("gptq.damp=0.1: no effect" in line for line in no_effect(cfg, ["gptq.damp=0.1"]))
     assert no_effect(compose_cfg("wquant=gptq", "gptq.damp=0.1"), ["wquant=gptq", "gptq.damp=0.1"]) == []
+
+
+def test_sensitivity_says_gptq_was_not_run() -> None:
+    from ptq.sensitivity.report import baseline_label
+    from ptq.sensitivity.scan import NEAREST_NOTES
+
+    assert baseline_label({"name": "W4A8-gptq-ivit", "rounding": NEAREST_NOTES["gptq"]}).endswith("no GPTQ)")
+    assert baseline_label({"name": "W4A8-adaround-block-lsq-ivit", "rounding": NEAREST_NOTES["adaround"]}).endswith(
+        "no AdaRound)")
