@@ -149,3 +149,16 @@ def test_sensitivity_says_gptq_was_not_run() -> None:
     assert baseline_label({"name": "W4A8-gptq-ivit", "rounding": NEAREST_NOTES["gptq"]}).endswith("no GPTQ)")
     assert baseline_label({"name": "W4A8-adaround-block-lsq-ivit", "rounding": NEAREST_NOTES["adaround"]}).endswith(
         "no AdaRound)")
+
+
+def test_gptq_rows_are_named(compose_cfg) -> None:
+    from ptq.naming import row_name
+    from ptq.runspec import row_of
+    from ptq.table.frame import _labels
+
+    row = row_of(compose_cfg("wquant=gptq", "wbits=4"))
+    assert row["gptq"] == {"damp": 0.01, "act_order": False} and row["granularity"] is None
+    assert row_name(row) == "W4A8-gptq-fp" and _labels(row)["[W]"] == "GPTQ"
+    row = row_of(compose_cfg("wquant=gptq", "wbits=4", "gptq.act_order=true", "gptq.damp=0.1", "nonlinear=ivit"))
+    assert row_name(row) == "W4A8-gptq-actorder-damp0.1-ivit" and _labels(row)["[W]"] == "GPTQ+ActOrder"
+    assert "gptq" not in row_of(compose_cfg("wquant=absmax"))  # other rows (and names) stay what they were
