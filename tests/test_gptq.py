@@ -42,7 +42,7 @@ def fc1() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lin = q.blocks[1].mlp.fc1
     x = capture(q, lin, images, cpu, "input", 32)
     x = as_real(x.take(torch.arange(len(x)), cpu)).reshape(-1, lin.weight.shape[1]).double()
-    h = capture_gram(q, lin, images, cpu, 32)
+    h = capture_gram(q, lin, [images[:32], images[32:]])
     assert torch.allclose(h, x.t() @ x / x.shape[0], rtol=1e-10, atol=1e-12)  # the Gram capture is X^T X / N
     return lin.weight.detach().clone(), lin.wq.scale.clone(), x
 
@@ -140,3 +140,25 @@ def test_gptq_options_inert_without_gptq(compose_cfg) -> None:
     cfg = compose_cfg("gptq.damp=0.1")
     assert any("gptq.damp=0.1: no effect" in line for line in no_effect(cfg, ["gptq.damp=0.1"]))
     assert no_effect(compose_cfg("wquant=gptq", "gptq.damp=0.1"), ["wquant=gptq", "gptq.damp=0.1"]) == []
+
+
+def test_sensitivity_says_gptq_was_not_run() -> None:
+    from ptq.sensitivity.report import baseline_label
+    from ptq.sensitivity.scan import NEAREST_NOTES
+
+    assert baseline_label({"name": "W4A8-gptq-ivit", "rounding": NEAREST_NOTES["gptq"]}).endswith("no GPTQ)")
+    assert baseline_label({"name": "W4A8-adaround-block-lsq-ivit", "rounding": NEAREST_NOTES["adaround"]}).endswith(
+        "no AdaRound)")
+
+
+def test_gptq_rows_are_named(compose_cfg) -> None:
+    from ptq.naming import row_name
+    from ptq.runspec import row_of
+    from ptq.table.frame import _labels
+
+    row = row_of(compose_cfg("wquant=gptq", "wbits=4"))
+    assert row["gptq"] == {"damp": 0.01, "act_order": False} and row["granularity"] is None
+    assert row_name(row) == "W4A8-gptq-fp" and _labels(row)["[W]"] == "GPTQ"
+    row = row_of(compose_cfg("wquant=gptq", "wbits=4", "gptq.act_order=true", "gptq.damp=0.1", "nonlinear=ivit"))
+    assert row_name(row) == "W4A8-gptq-actorder-damp0.1-ivit" and _labels(row)["[W]"] == "GPTQ+ActOrder"
+    assert "gptq" not in row_of(compose_cfg("wquant=absmax"))  # other rows (and names) stay what they were

@@ -31,7 +31,8 @@ FORMAT = "ptq-quant-state/1"
 #: entries a state may lack (it predates them): a fresh model's value is what such a run had (no fold)
 _OPTIONAL = re.compile(r"(\.seen_max|\.ln_r)$")
 #: state-dict entries a rebuilt QuantModel derives from the float model by itself (weights, with the
-#: saved LayerNorm factors folded in), or needs no more once the scales are fixed (histograms)
+#: saved LayerNorm factors folded in), needs no more once the scales are fixed (histograms), or that are
+#: kept apart, packed (GPTQ's codes, under "codes")
 _DERIVED = re.compile(r"(\.weight|\.bias|\.const|\.wq\.scale|\.wq\.w_floor|\.wq\.v|\.wq\.codes|\.hist)$")
 
 

@@ -2,7 +2,8 @@
 
 Each linear of the ``QuantModel`` in forward order: its input Gram matrix ``H = X^T X / N`` over the
 calibration images is accumulated from the quantized model (earlier linears already hold their GPTQ
-codes: sequential GPTQ, ``ptq.recon.unitcache.capture_gram``), then :func:`gptq_codes` picks the
+codes: sequential GPTQ, ``ptq.recon.unitcache.capture_gram``; the batches are carried part by part
+through ``embed``, ``blocks`` and ``head``, :func:`reconstruct_model`), then :func:`gptq_codes` picks the
 integer codes column by column, feeding each column's rounding error forward to the columns not yet
 quantized through the Cholesky factor of ``H^-1``. The grid is the absmax one of nearest rounding
 (``ptq.quant.quantizers.absmax_scale``, clamped to the same signed range); the codes go into a
@@ -18,13 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ptq.data.build import loader, subset
 from ptq.quant.qtensor import qrange
 from ptq.quant.quantizers import CodeQuantizer, WeightQuantizer, channel_view
-from ptq.quant.vit import QuantModel
+from ptq.quant.vit import QLinear, QuantModel
 from ptq.recon.unitcache import capture_gram
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,29 @@ def output_error(weight: Tensor, codes: Tensor, scale: Tensor, h: Tensor) -> flo
     return float(((d @ h.double()) * d).sum())
 
 
+def _forward_order(unit: nn.Module, x: Any) -> list[QLinear]:
+    """The quantized linears of ``unit`` in the order its forward calls them (one run on ``x``)."""
+    order: list[QLinear] = []
+    hooks = [lin.register_forward_pre_hook(lambda mod, args: order.append(mod) if mod not in order else None)
+             for lin in unit.modules() if isinstance(lin, QLinear) and lin.wq is not None]
+    try:
+        unit(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+@torch.no_grad()
 def reconstruct_model(cfg: Any, qmodel: QuantModel, calib_source: Any, device: torch.device, metrics: dict[str, Any],
                       on_unit: Callable[[int, int, str], None] | None = None) -> None:
     """Replace every weight quantizer of ``qmodel`` by GPTQ codes, linear by linear in forward order.
+
+    The calibration batches are carried through the model's chain (``embed``, each of ``blocks``,
+    ``head``: ``QuantModel.forward``) one part at a time: a part's linears get their Gram matrices
+    from the part's cached inputs, each after the linears before it hold their codes, and the part's
+    outputs with all its codes in place are the next part's inputs. Every part runs once per linear
+    it holds (stopped at that linear) plus once in full, instead of the whole model up to each linear.
 
     ``metrics["gptq_layers"]``: per linear, the relative output error ``||X (W - sQ)^T||^2 / ||X W^T||^2``
     of GPTQ's codes and of nearest rounding's, and its seconds.
@@ -99,23 +120,35 @@ def reconstruct_model(cfg: Any, qmodel: QuantModel, calib_source: Any, device: t
     g = cfg.gptq
     qmodel.to(device)
     calib = subset(calib_source, g.calib_images, int(cfg.seed) + 1)  # AdaRound's calibration images
-    images = torch.cat([x for x, _ in loader(calib, cfg.data.batch_size, cfg.data.num_workers, torch.device("cpu"))])
-    linears = [lin for lin in qmodel.linears() if lin.wq is not None]
+    xs: list[Any] = [x.to(device) for x, _ in loader(calib, cfg.data.batch_size, cfg.data.num_workers, device)]
+    parts = [qmodel.embed, *qmodel.blocks, qmodel.head]
+    total = sum(1 for lin in qmodel.linears() if lin.wq is not None)
     records: list[dict[str, Any]] = []
-    for i, lin in enumerate(tqdm(linears, desc="gptq", unit="linear", leave=False)):
-        t0 = time.perf_counter()
-        h = capture_gram(qmodel, lin, images, device, cfg.data.batch_size)
-        nearest = WeightQuantizer(lin.weight, lin.wq.bits).to(device)
-        w_s = lin.weight.detach() / channel_view(nearest.scale, lin.weight)
-        codes = gptq_codes(w_s, h, lin.wq.bits, float(g.damp), int(g.block_size), bool(g.act_order))
-        lin.wq = CodeQuantizer(lin.weight, lin.wq.bits, codes).to(device)
-        ref = max(float(((lin.weight.double() @ h) * lin.weight.double()).sum()), 1e-30)
-        rec = {"name": lin.name, "err_gptq": output_error(lin.weight, codes, nearest.scale, h) / ref,
-               "err_nearest": output_error(lin.weight, nearest(lin.weight), nearest.scale, h) / ref,
-               "seconds": round(time.perf_counter() - t0, 3)}
-        records.append(rec)
-        log.info("gptq %d/%d %s: relative output error %.4g (nearest %.4g)", i + 1, len(linears), lin.name,
-                 rec["err_gptq"], rec["err_nearest"])
-        if on_unit is not None:
-            on_unit(i + 1, len(linears), lin.name)
+    bar = tqdm(total=total, desc="gptq", unit="linear", leave=False)
+    for part in parts:
+        for lin in _forward_order(part, xs[0]):
+            t0 = time.perf_counter()
+            h = capture_gram(part, lin, xs)
+            records.append(_quantize_linear(lin, h, g, device, time.perf_counter() - t0))
+            bar.update()
+            log.info("gptq %d/%d %s: relative output error %.4g (nearest %.4g)", len(records), total, lin.name,
+                     records[-1]["err_gptq"], records[-1]["err_nearest"])
+            if on_unit is not None:
+                on_unit(len(records), total, lin.name)
+        if part is not parts[-1]:
+            xs = [part(x) for x in xs]
+    bar.close()
     metrics["gptq_layers"] = records
+
+
+def _quantize_linear(lin: QLinear, h: Tensor, g: Any, device: torch.device, capture_s: float) -> dict[str, Any]:
+    """GPTQ codes for ``lin`` from its Gram matrix ``h``, installed as its ``CodeQuantizer``; its record."""
+    t0 = time.perf_counter()
+    nearest = WeightQuantizer(lin.weight, lin.wq.bits).to(device)
+    w_s = lin.weight.detach() / channel_view(nearest.scale, lin.weight)
+    codes = gptq_codes(w_s, h, lin.wq.bits, float(g.damp), int(g.block_size), bool(g.act_order))
+    lin.wq = CodeQuantizer(lin.weight, lin.wq.bits, codes).to(device)
+    ref = max(float(((lin.weight.double() @ h) * lin.weight.double()).sum()), 1e-30)
+    return {"name": lin.name, "err_gptq": output_error(lin.weight, codes, nearest.scale, h) / ref,
+            "err_nearest": output_error(lin.weight, nearest(lin.weight), nearest.scale, h) / ref,
+            "seconds": round(capture_s + time.perf_counter() - t0, 3)}

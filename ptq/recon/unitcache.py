@@ -12,7 +12,7 @@ ptq.bench measures 2.3 GB peak while capturing), instead of 1.24 GB with float32
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,17 +96,16 @@ def capture(model: nn.Module, unit: nn.Module, images: Tensor, device: torch.dev
 
 
 @torch.no_grad()
-def capture_gram(model: nn.Module, unit: nn.Module, images: Tensor, device: torch.device,
-                 batch_size: int) -> Tensor:
-    """``X^T X / N`` (float64) of the unit's real input over ``images``, its rows every token of every image.
+def capture_gram(model: nn.Module, unit: nn.Module, batches: Iterable[Any]) -> Tensor:
+    """``X^T X / N`` (float64) of the unit's real input, its rows every token of every sample of ``batches``.
 
-    GPTQ's Hessian of a linear: accumulated batch by batch while the model runs only up to the unit, so the
-    inputs themselves are never stored.
+    GPTQ's Hessian of a linear: ``model`` runs on each batch (already on its device) only up to the
+    unit, and the Gram matrix is accumulated batch by batch, so the inputs themselves are never stored.
     """
     gram: list[Tensor] = []
     rows_seen = [0]
 
-    def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+    def hook(mod: nn.Module, args: tuple) -> None:
         x = as_real(args[0]).detach()
         x = x.reshape(-1, x.shape[-1]).double()
         if not gram:
@@ -115,16 +114,18 @@ def capture_gram(model: nn.Module, unit: nn.Module, images: Tensor, device: torc
         rows_seen[0] += x.shape[0]
         raise _Stop
 
-    handle = unit.register_forward_hook(hook)
+    handle = unit.register_forward_pre_hook(hook)
     try:
-        for start in range(0, images.shape[0], batch_size):
+        for batch in batches:
             try:
-                model(images[start:start + batch_size].to(device))
+                model(batch)
             except _Stop:
                 pass
     finally:
         handle.remove()
-    return gram[0] / max(1, rows_seen[0])
+    if not gram:
+        raise ValueError("capture_gram: the unit never ran on these batches")
+    return gram[0] / rows_seen[0]
 
 
 def capture_fisher(model: nn.Module, unit: nn.Module, images: Tensor, device: torch.device,

@@ -15,9 +15,16 @@ def _f(v: float | None, digits: int = 2, sign: bool = False) -> str:
     return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
 
+def _rounding_note(metrics: Mapping[str, Any]) -> str:
+    """``, nearest rounding: no AdaRound`` (or GPTQ) where the config's weight reconstruction was not run."""
+    if not metrics.get("rounding"):
+        return ""
+    return ", nearest rounding: no GPTQ" if "(no GPTQ)" in metrics["rounding"] else ", nearest rounding: no AdaRound"
+
+
 def baseline_label(metrics: Mapping[str, Any]) -> str:
-    """``baseline (<row name>)``, and that AdaRound was not run where the config asks for it."""
-    note = ", nearest rounding: no AdaRound" if metrics.get("rounding") else ""
+    """``baseline (<row name>)``, and that AdaRound / GPTQ was not run where the config asks for it."""
+    note = _rounding_note(metrics)
     return f"baseline ({metrics['name']}{note})"
 
 
@@ -73,7 +80,7 @@ def plot(metrics: Mapping[str, Any], path: Path) -> Path:
     ax.set_yticks(y, [f"{r['group']} ({r['kind']}, {r['members']})" for r in rows], fontsize=8)
     ax.set_ylim(-0.7, n - 0.3)
     ax.set_xlabel("top-1 (%) on the eval subset")
-    note = ", nearest rounding: no AdaRound" if metrics.get("rounding") else ""
+    note = _rounding_note(metrics)
     skipped = [r["group"] for r in metrics["groups"] if r.get("skipped")]
     title = (f"{metrics['name']}{note}\none quantizer group at a time left float / at {b} bits, "
              f"the rest as configured (n_eval={metrics['n_eval']})")

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 PLOT_FILE = "sensitivity.png"
 NEAREST_NOTE = "wquant=adaround measured with its nearest-rounding weights after calibration (no AdaRound)"
+#: the same note for each weight reconstruction the scan does not run
+NEAREST_NOTES = {"adaround": NEAREST_NOTE,
+                 "gptq": "wquant=gptq measured with its nearest-rounding weights after calibration (no GPTQ)"}
 
 RESULT_KEYS = ("float_acc1", "float_kl", "high_acc1", "high_kl", "cost_float", "cost_high")  # null when skipped
 
@@ -85,7 +88,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str,
     name = naming.row_name(row)
     metrics: dict[str, Any] = {"status": "running", "error": None, "tool": "sensitivity", "name": name, "row": row,
                                "seed": int(cfg.seed), "high_bits": int(cfg.sensitivity.high_bits),
-                               "rounding": NEAREST_NOTE if cfg.wquant.name == "adaround" else None,
+                               "rounding": NEAREST_NOTES.get(cfg.wquant.name),
                                "seconds": {}, "cached": {}, "process": rundir.process_identity()}
     path = run_dir / rundir.METRICS_FILE
     write_json(path, metrics)
@@ -108,7 +111,7 @@ def _scan(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     device, cache = setup(cfg)
     seconds, cached = metrics["seconds"], metrics["cached"]
     if metrics["rounding"]:
-        log.warning("%s", NEAREST_NOTE)
+        log.warning("%s", metrics["rounding"])
     if cfg.nonlinear.name == "ivit" and cfg.sensitivity.high_bits > 8:
         log.warning("nonlinear=ivit with sensitivity.high_bits=%d: raised Softmax / GELU inputs leave the INT8 range "
                     "the kernels' n is set for; their rows measure the kernels outside it (see ptq.quant.groups)",
