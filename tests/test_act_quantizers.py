@@ -181,3 +181,27 @@ def test_cli_runs_export_bit_exact(run_cli, tmp_path: Path, args: tuple[str, ...
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["name"] == name
     assert m["intexec"]["mismatches"] == 0 and m["intexec"]["n"] == 64
+
+
+def test_swin_masked_windows_export_bit_exact_with_the_new_codes() -> None:
+    """Swin's masked Softmax (QAttention with ``keep``): masked entries stay exactly 0 through every code."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    from ptq.quant.models import quantize_model
+
+    torch.manual_seed(0)
+    arch = {"img_size": 16, "patch_size": 2, "embed_dim": 16, "depths": (2,), "num_heads": (2,), "window_size": 4,
+            "mlp_ratio": 2.0, "num_classes": 10, "drop_path_rate": 0.0}
+    model = SwinTransformer(**arch).eval()
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for probs in ("logsqrt2", "twin"):
+        st = QuantSettings(wbits=4, abits=4, act_method="mse", kernel_in_bits=8, gelu_out="twin",
+                           backend=Backend("ivit", probs=probs))
+        q = quantize_model(model, st)
+        with torch.no_grad():
+            for mode in ("observe", "histogram"):
+                q.set_mode(mode)
+                q(images)
+        q.freeze()
+        res = verify_program(q, *build_onnx(q), images, batch_size=8)
+        assert (res["exact"], res["mismatches"]) == (True, 0)
