@@ -34,6 +34,7 @@ BLOCK_PAGES: dict[str, str] = {
     "ablation": "docs/results.md",
     "recon": "docs/results.md",
     "recon_spread": "docs/results.md",
+    "fieldq": "docs/results.md",
     "rounding_lr": "docs/sweeps.md",
     "granularity": "docs/sweeps.md",
     "adaround_spec": "docs/sweeps.md",
