@@ -25,6 +25,14 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_json(path: Path | str, obj: dict) -> None:
+    """Atomic JSON write: a reader sees the old file or the new one, never half of one."""
+    import json
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
 # Which page (a path from the repository root) holds each generated block: the default page of every
 # writer (``ptq.table --write``, ``ptq.bench --write``, ``scripts/fullsize_check.py --write``).
 BLOCK_PAGES: dict[str, str] = {

@@ -8,7 +8,6 @@ run never looks complete.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ptq import calib, naming, rundir
-from ptq.atomic import atomic_path
+from ptq.atomic import write_json
 from ptq.cache import StageCache
 from ptq.config import validate
 from ptq.data import build as data_build
@@ -35,12 +34,6 @@ from ptq.runspec import resolve_device, row_of, settings_of
 from ptq.runtime import seed_everything, set_threads, tune_malloc, use_compile_cache
 
 log = logging.getLogger(__name__)
-
-
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Atomic JSON write: a reader sees the old file or the new one, never half of one."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 class Progress:

@@ -200,33 +200,28 @@ def qdq_run(run_dir: Any, images: int | None = None, batch_size: int = 128) -> d
     ``export_qdq=true`` does; the record goes into the run's ``metrics.json`` under ``"qdq"``
     (on the whole split only: a prefix measures, but leaves the run's record as it was).
     """
-    import json
     import logging
     from pathlib import Path
 
-    from ptq.atomic import atomic_path
+    from ptq.atomic import write_json
+    from ptq.data.build import loader
+    from ptq.evaluate import predict
     from ptq.intexec.rebuild import check_fingerprint, load_run_model
-    from ptq.intexec.verify import _batches, eval_images
+    from ptq.intexec.verify import eval_images
     from ptq.models.zoo import load_model
-    from ptq.rundir import read_metrics
+    from ptq.rundir import METRICS_FILE, read_metrics
 
     run_dir = Path(run_dir)
     qmodel, cfg, check = load_run_model(run_dir, integer=False)
     data = eval_images(cfg, images)
-    x = torch.stack([img for img, _ in data])
-    labels = torch.tensor([int(y) for _, y in data])
-    fp = load_model(cfg).eval()
+    cpu = torch.device("cpu")
     with torch.no_grad():
-        sim = torch.cat([qmodel(b) for b in _batches(x, batch_size)])
-        fp_logits = torch.cat([fp(b) for b in _batches(x, batch_size)])
+        sim, labels = predict(qmodel, loader(data, batch_size, 0, cpu), cpu, "simulation")
+        fp_logits, _ = predict(load_model(cfg).eval(), loader(data, batch_size, 0, cpu), cpu, "float model")
     check_fingerprint(sim, check, run_dir)
-    rec = export_and_measure(qmodel, run_dir, x, labels, sim, fp_logits)
-    whole = images is None or images >= check["n"]
-    path = run_dir / "metrics.json"
-    if whole and path.is_file():
-        metrics = read_metrics(run_dir) | {"qdq": rec}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    rec = export_and_measure(qmodel, run_dir, data, labels, sim, fp_logits)
+    if (images is None or images >= check["n"]) and (run_dir / METRICS_FILE).is_file():  # the whole split only
+        write_json(run_dir / METRICS_FILE, read_metrics(run_dir) | {"qdq": rec})
     logging.getLogger(__name__).info("QDQ model %s: acc1=%.2f, agreement with the simulation %.2f%%, kl %.4g",
                                      rec["artefact"], rec["acc1"], rec["agreement_sim"], rec["kl_sim"])
     return rec

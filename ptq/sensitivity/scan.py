@@ -20,12 +20,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ptq import naming, rundir
-from ptq.atomic import atomic_path
+from ptq.atomic import atomic_path, write_json
 from ptq.config import ConfigError
 from ptq.data import build as data_build
 from ptq.evaluate import fidelity, float_baseline, predict, topk_accuracy
 from ptq.models.zoo import load_model
-from ptq.pipeline import calibrated, recorded, setup, stage, write_json
+from ptq.pipeline import calibrated, recorded, setup, stage
 from ptq.quant.groups import groups, left_float, raisable, raised
 from ptq.quant.vit import QuantModel
 from ptq.runspec import eval_set, row_of
