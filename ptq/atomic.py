@@ -48,6 +48,7 @@ BLOCK_PAGES: dict[str, str] = {
     "adaround_spec": "docs/sweeps.md",
     "onnx": "docs/deployment.md",
     "perf": "docs/benchmarks.md",
+    "recon_time": "docs/benchmarks.md",
     "fullsize": "docs/fullsize.md",
     "fullsize_deit": "docs/fullsize.md",
     "fullsize_swin": "docs/fullsize.md",

@@ -27,6 +27,12 @@ from typing import Any
 FLOAT_BITS = 32
 PROBS_PARTS = {"logsqrt2": "logsqrt2", "twin": "ptwin"}  # row-name part of aquant.probs (log2: "log2")
 GPTQ_DAMP = 0.01  # gptq.damp's default (ptq.config.GPTQConfig): rows at it are not named by it
+#: The integer kernels' widths at their defaults (ptq.config: SoftmaxConfig, GeluConfig, NonlinearConfig):
+#: an ivit row names each one it changes, (section, key, default, name prefix), so two rows that differ
+#: only there never share a name.
+KERNEL_WIDTHS = (("softmax", "out_bits", 8, "sm"), ("softmax", "n", 15, "smn"),
+                 ("gelu", "sig_bits", 8, "gb"), ("gelu", "n", 23, "gn"))
+IDADD_BITS = 16
 
 
 def effective_bits(row: Mapping[str, Any]) -> tuple[int, int]:
@@ -66,12 +72,25 @@ def row_name(row: Mapping[str, Any]) -> str:
         parts.append(PROBS_PARTS[str(row["probs"])])
     if row.get("gelu_out"):
         parts.append("gtwin")
+    if row.get("nonlinear") == "ivit":
+        parts += _kernel_width_parts(row)
     parts.append(str(row.get("nonlinear", "fp")))
     if row.get("quant_io") is False:
         parts.append("noio")
     if row.get("model", "tiny_digits") != "tiny_digits":
         parts.insert(0, str(row["model"]))
     return "-".join(parts)
+
+
+def _kernel_width_parts(row: Mapping[str, Any]) -> list[str]:
+    """``sm4``-style parts for the integer kernels' widths that differ from their defaults (the Softmax
+    output width only where its codes are uniform: log2 / logsqrt2 / twin codes fix their own)."""
+    coded = bool((row.get("softmax") or {}).get("log2") or row.get("probs"))
+    parts = [f"{prefix}{(row.get(sec) or {}).get(key, default)}" for sec, key, default, prefix in KERNEL_WIDTHS
+             if (row.get(sec) or {}).get(key, default) != default and not (coded and key == "out_bits")]
+    if row.get("idadd_bits", IDADD_BITS) != IDADD_BITS:
+        parts.append(f"id{row['idadd_bits']}")
+    return parts
 
 
 def nonlinear_labels(row: Mapping[str, Any]) -> dict[str, str]:
@@ -83,7 +102,7 @@ def nonlinear_labels(row: Mapping[str, Any]) -> dict[str, str]:
     codes = "log2" if sm.get("log2") else row.get("probs")
     return {
         "SoftMax": f"I[{codes},n{sm.get('n', 15)}]" if codes else f"I[b{sm.get('out_bits', 8)},n{sm.get('n', 15)}]",
-        "GELU": f"I[b{ge.get('sig_bits', 8)},n{ge.get('n', 23)}]",
+        "GELU": f"I[{'twin' if row.get('gelu_out') else 'b' + str(ge.get('sig_bits', 8))},n{ge.get('n', 23)}]",
         "LN": "I[b8]",
         "IdAdd": str(row.get("idadd_bits", 16)),
     }

@@ -158,6 +158,15 @@ def test_rows_names_and_bad_combinations(compose_cfg, run_cli) -> None:
     assert row_name(row) == "W4A4-absmax-mse-logsqrt2-gtwin-ivit"
     assert row_name({**row, "probs": "twin"}).endswith("-ptwin-gtwin-ivit")
     assert nonlinear_labels(row)["SoftMax"] == "I[logsqrt2,n15]"
+    assert nonlinear_labels(row)["GELU"] == "I[twin,n23]"
+    assert nonlinear_labels({**row, "gelu_out": None, "gelu": {"n": 20, "sig_bits": 6}})["GELU"] == "I[b6,n20]"
+    # every kernel width off its default is in the name, so two such rows never share one
+    uniform = {**row, "probs": None, "gelu_out": None}
+    widths = {**uniform, "softmax": {"n": 12, "out_bits": 4}, "gelu": {"n": 20, "sig_bits": 6}, "idadd_bits": 12}
+    assert row_name(uniform) == "W4A4-absmax-mse-ivit"
+    assert row_name(widths) == "W4A4-absmax-mse-sm4-smn12-gb6-gn20-id12-ivit"
+    assert row_name({**widths, "probs": "logsqrt2"}) == "W4A4-absmax-mse-logsqrt2-smn12-gb6-gn20-id12-ivit"
+    assert row_name({**widths, "nonlinear": "fp"}) == "W4A4-absmax-mse-fp"
     with pytest.raises(ConfigError, match="aquant.probs"):
         validate(compose_cfg("aquant.probs=sqrt"))
     with pytest.raises(ConfigError, match="conflicts with nonlinear.softmax.log2"):

@@ -35,6 +35,7 @@ from ptq.bench.plans import (
     images_for,
     ratio_key,
 )
+from ptq.bench.recon import DEFAULT_RECON_OUT, RECON_BLOCK, render_recon, run_recon_bench, update_recon_block
 from ptq.bench.report import markdown_table, update_readme
 from ptq.bench.timing import machine_info
 from ptq.models.families import describe
@@ -152,6 +153,27 @@ def _onnx_main(models: list[str], args: argparse.Namespace, loaded: dict[str, An
     return 0
 
 
+def _recon_main(args: argparse.Namespace, loaded: dict[str, Any] | None) -> int:
+    """``--recon``: GPTQ against AdaRound at equal accuracy, real runs on the embedded default
+    (``ptq.bench.recon``), or re-rendered from ``--from-json``."""
+    if loaded is not None:
+        result = loaded
+    else:
+        out = DEFAULT_RECON_OUT if args.out == DEFAULT_OUT else args.out
+        result = run_recon_bench(args.quick, out.parent / "recon_runs", args.threads)
+        result["created"] = _dt.datetime.now().isoformat(timespec="seconds")
+        result["cpu"] = machine_info(torch.device("cpu")).get("cpu")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=_json_default))
+        log.info("wrote %s", out)
+    print(render_recon(result))
+    if args.write is not None:
+        page = block_page(RECON_BLOCK) if args.write == HOME else args.write
+        update_recon_block(page, result)
+        log.info("updated the %s block of %s", RECON_BLOCK, page)
+    return 0
+
+
 def write_pages(write: Path) -> dict[str, Path]:
     """The page of each block for ``--write``: ``write``, or for ``HOME`` each block's own page."""
     return {b: block_page(b) if write == HOME else write for b in (PERF_BLOCK, ONNX_BLOCK)}
@@ -179,6 +201,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true",
                    help="only the onnxruntime comparison: float.onnx against the W8A8 / W4A8 integer models "
                         "(JSON to --out, default outputs/bench_onnx.json; block onnx:start/onnx:end)")
+    p.add_argument("--recon", action="store_true",
+                   help="only GPTQ against AdaRound (block) at equal accuracy: real W4A8 ivit runs of the embedded "
+                        "default, AdaRound at a ladder of iterations (JSON to --out, default "
+                        "outputs/bench_recon.json; block recon_time:start/recon_time:end of docs/benchmarks.md)")
     p.add_argument("--skip-onnx", action="store_true",
                    help="leave out the onnxruntime comparison (the ort_* rows) that a full benchmark ends with")
     p.add_argument("--from-json", type=Path, default=None,
@@ -202,6 +228,16 @@ def main(argv: list[str] | None = None) -> int:
             loaded = json.loads(args.from_json.read_text())
         except (OSError, ValueError) as exc:
             p.error(f"--from-json {args.from_json}: {exc}")
+    if args.onnx and args.recon:
+        p.error("--onnx and --recon each run one part alone; give one of them")
+    if args.recon and args.write is not None:
+        page = block_page(RECON_BLOCK) if args.write == HOME else args.write
+        try:
+            check_block(page, RECON_BLOCK)
+        except (OSError, ValueError) as exc:
+            p.error(f"--write {page}: {exc}")
+    if args.recon:
+        return _recon_main(args, loaded)
     if args.write is not None:  # fail before minutes of benchmarking
         with_onnx = args.onnx or ("onnx" in loaded if loaded is not None else not args.skip_onnx)
         blocks = [b for b, needed in ((PERF_BLOCK, not args.onnx), (ONNX_BLOCK, with_onnx)) if needed]
