@@ -43,6 +43,7 @@ BLOCK_PAGES: dict[str, str] = {
     "recon": "docs/results.md",
     "recon_spread": "docs/results.md",
     "fieldq": "docs/results.md",
+    "softmax_in": "docs/act-quantizers.md",
     "rounding_lr": "docs/sweeps.md",
     "granularity": "docs/sweeps.md",
     "adaround_spec": "docs/sweeps.md",

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ptq.cache import StageCache
+from ptq.config import CODED_ROLES
 from ptq.data import build as data_build
 from ptq.quant import reparam
 from ptq.quant.vit import QuantModel
@@ -89,7 +90,7 @@ def search_spec(cfg: Any) -> dict[str, Any]:
         spec["ln_reparam"] = {"alpha": float(aq.ln_reparam_alpha)}
     if aq.kernel_in_bits is not None:
         spec["kernel_in_bits"] = int(aq.kernel_in_bits)
-    twins = [k for k in ("probs", "gelu_out") if aq.get(k, "uniform") == "twin"]
+    twins = [k for k in CODED_ROLES if aq.get(k, "uniform") == "twin"]
     if twins:  # twin quantizers fill a histogram even with movavg steps
         spec["twin"] = twins
     return spec

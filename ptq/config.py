@@ -67,6 +67,7 @@ class AQuantConfig:
     kernel_in_bits: int | None = None  # Softmax / GELU input width (null: abits); matmul operands stay abits
     probs: str = "uniform"  # Softmax output codes: uniform, log2, logsqrt2, twin (docs/act-quantizers.md)
     gelu_out: str = "uniform"  # GELU output codes: uniform, twin
+    scores: str = "uniform"  # Softmax input codes (the attention scores): uniform, twin
 
 
 @dataclass
@@ -199,6 +200,9 @@ MODELS: dict[str, str] = {
     **dict.fromkeys(TIMM_MODELS, "imagenet"),
 }
 
+#: The activation roles whose codes are a choice (docs/act-quantizers.md): aquant.<role>.
+CODED_ROLES = ("probs", "gelu_out", "scores")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": tuple(MODELS),
     "data.name": ("digits", "imagenet"),
@@ -211,6 +215,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adaround.loss": ("mse", "fisher"),
     "aquant.probs": ("uniform", "log2", "logsqrt2", "twin"),
     "aquant.gelu_out": ("uniform", "twin"),
+    "aquant.scores": ("uniform", "twin"),
 }
 
 
@@ -313,10 +318,10 @@ def validate(cfg: Any) -> None:
     if cfg.nonlinear.softmax.log2 and cfg.aquant.probs not in ("uniform", "log2"):
         raise ConfigError(f"aquant.probs={cfg.aquant.probs} conflicts with nonlinear.softmax.log2=true (log2 codes); "
                           "allowed with it: uniform, log2")
-    coded = [f"aquant.{k}={cfg.aquant[k]}" for k in ("probs", "gelu_out") if cfg.aquant[k] != "uniform"]
+    coded = [f"aquant.{k}={cfg.aquant[k]}" for k in CODED_ROLES if cfg.aquant[k] != "uniform"]
     if coded and cfg.export_qdq:
         raise ConfigError(f"export_qdq=true has no QDQ ops for {', '.join(coded)}; allowed with export_qdq: "
-                          "aquant.probs=uniform, aquant.gelu_out=uniform")
+                          + ", ".join(f"aquant.{k}=uniform" for k in CODED_ROLES))
     check("threads", cfg.threads is None or cfg.threads >= 1, "null (automatic) or a positive number of threads")
     if cfg.nonlinear.name == "ivit" and (cfg.aquant.name == "none" or cfg.wquant.name == "none"):
         raise ConfigError(

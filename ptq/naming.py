@@ -13,7 +13,7 @@ A *row* is the dict stored under ``metrics.json["row"]``::
      "idadd_bits": 16}
 
 plus ``"ln_reparam": True``, ``"kernel_in_bits": 8``, ``softmax["log2"] = True``, ``"probs": "logsqrt2" | "twin"``,
-``"gelu_out": "twin"`` (docs/act-quantizers.md), ``"qdrop": 0.5`` (AdaRound's QDrop probability) and
+``"gelu_out": "twin"``, ``"scores": "twin"`` (docs/act-quantizers.md), ``"qdrop": 0.5`` (AdaRound's QDrop probability) and
 ``"recon_loss": "fisher"`` when those options are on, and
 ``"gptq": {"damp": 0.01, "act_order": False}`` for wquant=gptq (named ``W4A8-gptq[-actorder][-damp0.1]-...``:
 the default damping unnamed).
@@ -72,6 +72,8 @@ def row_name(row: Mapping[str, Any]) -> str:
         parts.append(PROBS_PARTS[str(row["probs"])])
     if row.get("gelu_out"):
         parts.append("gtwin")
+    if row.get("scores"):
+        parts.append("stwin")
     if row.get("nonlinear") == "ivit":
         parts += _kernel_width_parts(row)
     parts.append(str(row.get("nonlinear", "fp")))

@@ -64,6 +64,8 @@ def row_of(cfg: Any) -> dict[str, Any]:
         row["probs"] = str(cfg.aquant.probs)
     if cfg.aquant.gelu_out != "uniform":
         row["gelu_out"] = str(cfg.aquant.gelu_out)
+    if cfg.aquant.scores != "uniform":
+        row["scores"] = str(cfg.aquant.scores)
     if cfg.wquant.name == "adaround" and cfg.adaround.qdrop_prob > 0:
         row["qdrop"] = float(cfg.adaround.qdrop_prob)
     if cfg.wquant.name == "adaround" and cfg.adaround.loss != "mse":
@@ -89,6 +91,7 @@ def settings_of(cfg: Any) -> QuantSettings:
         act_grid=int(cfg.aquant.search_grid),
         kernel_in_bits=None if cfg.aquant.kernel_in_bits is None else int(cfg.aquant.kernel_in_bits),
         gelu_out=str(cfg.aquant.gelu_out),
+        scores=str(cfg.aquant.scores),
     )
 
 

@@ -152,6 +152,25 @@ def test_every_choice_exports_bit_exact(probs: str, gelu_out: str) -> None:
     assert set(got.unique().tolist()) <= allowed
 
 
+@pytest.mark.parametrize("kernel_bits", [4, 8])
+def test_softmax_input_twin_codes_reach_shiftmax_and_export(kernel_bits: int) -> None:
+    """``aquant.scores=twin``: Shiftmax reads the twin integer form (fine codes, coarse codes shifted by k),
+    and the program stays bit-exact."""
+    images = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    st = QuantSettings(wbits=4, abits=4, act_method="mse", kernel_in_bits=kernel_bits, scores="twin",
+                       backend=Backend("ivit"))
+    q = _calibrated(st, images)
+    sq = q.blocks[0].attn.scores_q
+    assert sq.codes == "twin" and int(sq.shift) in actcodes.TWIN_SHIFTS
+    lo1, hi1, top = actcodes.twin_ranges(kernel_bits, True)
+    k = int(sq.shift)
+    allowed = set(range(lo1, hi1 + 1)) | {c << k for c in range(1, top + 1)}
+    got = set(capture(q, images)["blocks.0.attn.scores_q"].long().unique().tolist())
+    assert got <= allowed and any(abs(v) > hi1 for v in got)  # some scores take the coarse range
+    res = verify_program(q, *build_onnx(q), images, batch_size=12)
+    assert (res["exact"], res["mismatches"]) == (True, 0)
+
+
 def test_rows_names_and_bad_combinations(compose_cfg, run_cli) -> None:
     row = {"wquant": "absmax", "wbits": 4, "aquant": "mse", "abits": 4, "nonlinear": "ivit", "probs": "logsqrt2",
            "gelu_out": "twin", "softmax": {"n": 15, "out_bits": 8}}
@@ -173,6 +192,10 @@ def test_rows_names_and_bad_combinations(compose_cfg, run_cli) -> None:
         validate(compose_cfg("nonlinear=ivit", "nonlinear.softmax.log2=true", "aquant.probs=twin"))
     with pytest.raises(ConfigError, match="export_qdq=true has no QDQ ops for aquant.gelu_out=twin"):
         validate(compose_cfg("export_qdq=true", "aquant.gelu_out=twin"))
+    with pytest.raises(ConfigError, match="no QDQ ops for aquant.scores=twin; .*aquant.scores=uniform"):
+        validate(compose_cfg("export_qdq=true", "aquant.scores=twin"))
+    with pytest.raises(ConfigError, match="aquant.scores"):
+        validate(compose_cfg("aquant.scores=log2"))
     proc = run_cli("nonlinear=ivit", "nonlinear.softmax.log2=true", "aquant.probs=logsqrt2", timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "aquant.probs=logsqrt2" in lines[0]
@@ -182,6 +205,7 @@ def test_rows_names_and_bad_combinations(compose_cfg, run_cli) -> None:
     (("wquant=adaround", "granularity=block", "aquant.probs=twin", "aquant.gelu_out=twin"),
      "W4A4-adaround-block-lsq-mse-k8-ptwin-gtwin-ivit"),
     (("aquant.probs=logsqrt2",), "W4A4-absmax-mse-k8-logsqrt2-ivit"),
+    (("aquant.scores=twin", "aquant.gelu_out=twin"), "W4A4-absmax-mse-k8-gtwin-stwin-ivit"),
 ])
 def test_cli_runs_export_bit_exact(run_cli, tmp_path: Path, args: tuple[str, ...], name: str) -> None:
     proc = run_cli("debug=quick", "data.eval_images=64", "wbits=4", "abits=4", "aquant=mse", "aquant.kernel_in_bits=8",
@@ -204,7 +228,8 @@ def test_swin_masked_windows_export_bit_exact_with_the_new_codes() -> None:
     model = SwinTransformer(**arch).eval()
     images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     for probs in ("logsqrt2", "twin"):
-        st = QuantSettings(wbits=4, abits=4, act_method="mse", kernel_in_bits=8, gelu_out="twin",
+        st = QuantSettings(wbits=4, abits=4, act_method="mse", kernel_in_bits=8 if probs == "twin" else 4,
+                           gelu_out="twin", scores="uniform" if probs == "twin" else "twin",
                            backend=Backend("ivit", probs=probs))
         q = quantize_model(model, st)
         with torch.no_grad():

@@ -81,7 +81,8 @@ def build_onnx(qmodel: QuantModel, input_spec: dict[str, Any] | None = None, met
                      "softmax": {"n": be.softmax_n, "out_bits": be.softmax_out_bits, "log2": be.softmax_log2},
                      "gelu": {"n": be.gelu_n, "sig_bits": be.gelu_sig_bits}},
     }
-    codes = {k: v for k, v in (("probs", be.probs_codes), ("gelu_out", st.gelu_out)) if v != "uniform"}
+    codes = {k: v for k, v in (("probs", be.probs_codes), ("gelu_out", st.gelu_out), ("scores", st.scores))
+             if v != "uniform"}
     if codes:  # the non-uniform activation codes (docs/act-quantizers.md)
         info["settings"]["codes"] = codes
     metadata = {"ptq": json.dumps(info), "ptq.meta": json.dumps(meta or {}, default=str)}

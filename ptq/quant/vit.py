@@ -49,14 +49,15 @@ class QuantSettings:
     act_grid: int = 100
     kernel_in_bits: int | None = None  # width of the Softmax / GELU inputs (None: abits)
     gelu_out: str = "uniform"  # the GELU output's codes: uniform or twin (ptq.quant.actcodes)
+    scores: str = "uniform"  # the Softmax input's codes: uniform or twin
 
-    def kernel_input(self) -> ActQuantizer:
+    def kernel_input(self, codes: str = "uniform") -> ActQuantizer:
         """The quantizer in front of Shiftmax / ShiftGELU: A``kernel_in_bits`` (the spec's INT8) or A``abits``.
 
         These tensors feed an integer kernel, not a matmul, so a W4A4 model whose every matmul
         operand is 4-bit can keep them at the width integer-ops.md specifies for the kernels.
         """
-        q = self.act(self.kernel_in_bits)
+        q = self.act(self.kernel_in_bits, codes=codes)
         q.feeds_kernel = self.backend.integer
         return q
 
@@ -207,7 +208,7 @@ class QAttention(_PreNorm):
         self.ln_q = st.act()
         self.qkv = QLinear(bp.qkv_w, bp.qkv_b, st.wbits, "qkv")
         self.q_q, self.k_q, self.v_q = st.act(), st.act(), st.act()
-        self.scores_q = st.kernel_input()
+        self.scores_q = st.kernel_input(st.scores)
         self.probs_q = st.probs()
         self.ctx_q = st.act()
         self.proj = QLinear(bp.proj_w, bp.proj_b, st.wbits, "attn_out")
