@@ -132,6 +132,16 @@ def _onnx_part(result: dict[str, Any]) -> dict[str, Any]:
                              "command": "python -m ptq.bench"}
 
 
+def _saved_part(result: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A part's result (``--onnx``, ``--recon``) dated, with this CPU, written to ``out``."""
+    result["created"] = _dt.datetime.now().isoformat(timespec="seconds")
+    result["cpu"] = machine_info(torch.device("cpu")).get("cpu")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=_json_default))
+    log.info("wrote %s", out)
+    return result
+
+
 def _onnx_main(models: list[str], args: argparse.Namespace, loaded: dict[str, Any] | None) -> int:
     """``--onnx``: the onnxruntime comparison alone (or re-rendered from ``--from-json``: an ``--onnx``
     result, or a full benchmark's, whose ``"onnx"`` part it takes)."""
@@ -139,12 +149,7 @@ def _onnx_main(models: list[str], args: argparse.Namespace, loaded: dict[str, An
         result = _onnx_part(loaded) if "onnx" in loaded else loaded
     else:
         out = DEFAULT_ONNX_OUT if args.out == DEFAULT_OUT else args.out
-        result = run_onnx_bench(models, args.quick, out.parent / "onnx_models")
-        result["created"] = _dt.datetime.now().isoformat(timespec="seconds")
-        result["cpu"] = machine_info(torch.device("cpu")).get("cpu")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=_json_default))
-        log.info("wrote %s", out)
+        result = _saved_part(run_onnx_bench(models, args.quick, out.parent / "onnx_models"), out)
     print(onnx_table(result))
     if args.write is not None:
         page = write_pages(args.write)[ONNX_BLOCK]
@@ -160,12 +165,7 @@ def _recon_main(args: argparse.Namespace, loaded: dict[str, Any] | None) -> int:
         result = loaded
     else:
         out = DEFAULT_RECON_OUT if args.out == DEFAULT_OUT else args.out
-        result = run_recon_bench(args.quick, out.parent / "recon_runs", args.threads)
-        result["created"] = _dt.datetime.now().isoformat(timespec="seconds")
-        result["cpu"] = machine_info(torch.device("cpu")).get("cpu")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=_json_default))
-        log.info("wrote %s", out)
+        result = _saved_part(run_recon_bench(args.quick, out.parent / "recon_runs", args.threads), out)
     print(render_recon(result))
     if args.write is not None:
         page = block_page(RECON_BLOCK) if args.write == HOME else args.write
