@@ -149,7 +149,12 @@ def test_experiment_configs_compose_to_their_rows(compose_cfg) -> None:
     assert names["abs_w4a32"] == "W4A32-absmax-fp"
     assert names["abs_w4a4_ivit"] == "W4A4-absmax-ivit"
     assert names["adaround_block_w4a8_ivit"] == "W4A8-adaround-block-lsq-ivit"
-    assert names["w4a4_best"] == "W4A4-adaround-block-lsq-mse-k8-ivit"
+    assert names["w4a4_best"] == "W4A4-adaround-block-lsq-qdrop0.5-mse-k8-gtwin-ivit"
+    # the recipe is the ablation bundle of docs/results.md (w4a4_recipe), key for key
+    recipe, bundle = (compose_cfg("experiment=w4a4_best"),
+                      compose_cfg("+ablation=adaround_gtwin_qdrop_cal2k", "nonlinear=ivit", "wbits=4", "abits=4"))
+    for key in ("wquant", "aquant", "nonlinear", "granularity", "adaround", "lsq", "wbits", "abits"):
+        assert recipe[key] == bundle[key], key
     assert row_name(runspec.row_of(compose_cfg("experiment=abs_w8a32", "wbits=4"))) == "W4A32-absmax-fp"
 
 
