@@ -24,15 +24,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ptq.config import GeluConfig, GPTQConfig, NonlinearConfig, SoftmaxConfig
+
 FLOAT_BITS = 32
 PROBS_PARTS = {"logsqrt2": "logsqrt2", "twin": "ptwin"}  # row-name part of aquant.probs (log2: "log2")
-GPTQ_DAMP = 0.01  # gptq.damp's default (ptq.config.GPTQConfig): rows at it are not named by it
-#: The integer kernels' widths at their defaults (ptq.config: SoftmaxConfig, GeluConfig, NonlinearConfig):
-#: an ivit row names each one it changes, (section, key, default, name prefix), so two rows that differ
-#: only there never share a name.
-KERNEL_WIDTHS = (("softmax", "out_bits", 8, "sm"), ("softmax", "n", 15, "smn"),
-                 ("gelu", "sig_bits", 8, "gb"), ("gelu", "n", 23, "gn"))
-IDADD_BITS = 16
+GPTQ_DAMP = GPTQConfig().damp  # rows at gptq.damp's default are not named by it
+_SM, _GE = SoftmaxConfig(), GeluConfig()
+IDADD_BITS = NonlinearConfig().idadd_bits
+#: The integer kernels' widths, (row section, key, default, name prefix): an ivit row names each one
+#: off its default, so two rows that differ only there never share a name.
+KERNEL_WIDTHS = (("softmax", "out_bits", _SM.out_bits, "sm"), ("softmax", "n", _SM.n, "smn"),
+                 ("gelu", "sig_bits", _GE.sig_bits, "gb"), ("gelu", "n", _GE.n, "gn"))
 
 
 def effective_bits(row: Mapping[str, Any]) -> tuple[int, int]:
@@ -88,11 +90,10 @@ def _kernel_width_parts(row: Mapping[str, Any]) -> list[str]:
     """``sm4``-style parts for the integer kernels' widths that differ from their defaults (the Softmax
     output width only where its codes are uniform: log2 / logsqrt2 / twin codes fix their own)."""
     coded = bool((row.get("softmax") or {}).get("log2") or row.get("probs"))
-    parts = [f"{prefix}{(row.get(sec) or {}).get(key, default)}" for sec, key, default, prefix in KERNEL_WIDTHS
-             if (row.get(sec) or {}).get(key, default) != default and not (coded and key == "out_bits")]
-    if row.get("idadd_bits", IDADD_BITS) != IDADD_BITS:
-        parts.append(f"id{row['idadd_bits']}")
-    return parts
+    widths = [(prefix, (row.get(sec) or {}).get(key, default), default) for sec, key, default, prefix in KERNEL_WIDTHS
+              if not (coded and key == "out_bits")]
+    widths.append(("id", row.get("idadd_bits", IDADD_BITS), IDADD_BITS))
+    return [f"{prefix}{value}" for prefix, value, default in widths if value != default]
 
 
 def nonlinear_labels(row: Mapping[str, Any]) -> dict[str, str]:
@@ -103,10 +104,10 @@ def nonlinear_labels(row: Mapping[str, Any]) -> dict[str, str]:
     ge = row.get("gelu") or {}
     codes = "log2" if sm.get("log2") else row.get("probs")
     return {
-        "SoftMax": f"I[{codes},n{sm.get('n', 15)}]" if codes else f"I[b{sm.get('out_bits', 8)},n{sm.get('n', 15)}]",
-        "GELU": f"I[{'twin' if row.get('gelu_out') else 'b' + str(ge.get('sig_bits', 8))},n{ge.get('n', 23)}]",
+        "SoftMax": f"I[{codes or 'b' + str(sm.get('out_bits', _SM.out_bits))},n{sm.get('n', _SM.n)}]",
+        "GELU": f"I[{'twin' if row.get('gelu_out') else 'b' + str(ge.get('sig_bits', _GE.sig_bits))},n{ge.get('n', _GE.n)}]",
         "LN": "I[b8]",
-        "IdAdd": str(row.get("idadd_bits", 16)),
+        "IdAdd": str(row.get("idadd_bits", IDADD_BITS)),
     }
 
 

@@ -168,7 +168,7 @@ def _recon_main(args: argparse.Namespace, loaded: dict[str, Any] | None) -> int:
         result = _saved_part(run_recon_bench(args.quick, out.parent / "recon_runs", args.threads), out)
     print(render_recon(result))
     if args.write is not None:
-        page = block_page(RECON_BLOCK) if args.write == HOME else args.write
+        page = write_pages(args.write)[RECON_BLOCK]
         update_recon_block(page, result)
         log.info("updated the %s block of %s", RECON_BLOCK, page)
     return 0
@@ -176,7 +176,7 @@ def _recon_main(args: argparse.Namespace, loaded: dict[str, Any] | None) -> int:
 
 def write_pages(write: Path) -> dict[str, Path]:
     """The page of each block for ``--write``: ``write``, or for ``HOME`` each block's own page."""
-    return {b: block_page(b) if write == HOME else write for b in (PERF_BLOCK, ONNX_BLOCK)}
+    return {b: block_page(b) if write == HOME else write for b in (PERF_BLOCK, ONNX_BLOCK, RECON_BLOCK)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.onnx and args.recon:
         p.error("--onnx and --recon each run one part alone; give one of them")
     if args.recon and args.write is not None:
-        page = block_page(RECON_BLOCK) if args.write == HOME else args.write
+        page = write_pages(args.write)[RECON_BLOCK]
         try:
             check_block(page, RECON_BLOCK)
         except (OSError, ValueError) as exc:

@@ -93,8 +93,7 @@ def equal_kl(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     gptq = next(r for r in rows if r["method"] == "gptq")
     ladder = sorted((r for r in rows if r["method"] == "adaround"), key=lambda r: r["iters"])
     hit = next((r for r in ladder if r["kl"] <= gptq["kl"]), None)
-    best = min(ladder, key=lambda r: r["kl"])
-    chosen = hit or best
+    chosen = hit or min(ladder, key=lambda r: r["kl"])
     return {"reached": hit is not None, "gptq_kl": gptq["kl"], "gptq_s": gptq["reconstruct_s"],
             "adaround_iters": chosen["iters"], "adaround_kl": chosen["kl"], "adaround_s": chosen["reconstruct_s"],
             "time_ratio": chosen["reconstruct_s"] / max(gptq["reconstruct_s"], 1e-9)}
@@ -120,8 +119,7 @@ def render_recon(result: dict[str, Any]) -> str:
     head = (f"Measured by `{cmd}` ({result['created']}, {result['cpu']}, "
             f"{result['threads'] or 'default'} thread(s) per run), `{' '.join(result['setting'])}` on the "
             f"embedded default ({first['n_eval']} eval images, float top-1 {first['fp_acc1']:.2f} %). "
-            "Reconstruct = the run's "
-            "`reconstruct` stage (metrics.json `seconds`).")
+            "Reconstruct = the run's `reconstruct` stage (metrics.json `seconds`).")
     return "\n".join([head, "", *rows, "", verdict])
 
 
