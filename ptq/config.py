@@ -118,6 +118,7 @@ class AdaRoundConfig:
     compile: bool = True  # torch.compile the unit's loss (the ivit kernels are opaque ops inside it)
     qdrop_prob: float = 0.0  # QDrop: per iteration, each activation element keeps its float value with this probability
     loss: str = "mse"  # reconstruction loss: mse, or fisher (output error weighted by squared task-loss gradients)
+    init: str = "float"  # V's start: float (h(V) = frac(W/s), the spec) or gptq (GPTQ's compensated weights; gptq.*)
 
 
 @dataclass
@@ -213,6 +214,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "tracking.mode": ("online", "offline", "disabled"),
     "adaround.loss": ("mse", "fisher"),
+    "adaround.init": ("float", "gptq"),
     "aquant.probs": ("uniform", "log2", "logsqrt2", "twin"),
     "aquant.gelu_out": ("uniform", "twin"),
     "aquant.scores": ("uniform", "twin"),
@@ -333,11 +335,18 @@ def validate(cfg: Any) -> None:
 
 
 
+def uses_gptq_start(cfg: Any) -> bool:
+    """AdaRound starting from GPTQ's compensated weights (``adaround.init=gptq``)."""
+    return cfg.wquant.name == "adaround" and cfg.adaround.init == "gptq"
+
+
 #: (key prefixes, when they do nothing, why) for :func:`no_effect`
 _INERT: tuple[tuple[tuple[str, ...], Any, str], ...] = (
     (("granularity", "adaround.", "lsq."), lambda c: c.wquant.name != "adaround",
      "they apply only to wquant=adaround (got wquant={wquant})"),
-    (("gptq.",), lambda c: c.wquant.name != "gptq", "they apply only to wquant=gptq (got wquant={wquant})"),
+    (("gptq.",), lambda c: c.wquant.name != "gptq" and not uses_gptq_start(c),
+     "they apply only to wquant=gptq or adaround.init=gptq (got wquant={wquant})"),
+    (("gptq.calib_images",), uses_gptq_start, "AdaRound's GPTQ start uses adaround.calib_images"),
     (("wbits",), lambda c: c.wquant.name == "none", "weights stay float with wquant=none"),
     (("abits", "aquant.", "lsq."), lambda c: c.aquant.name == "none",
      "activations stay float with aquant=none"),

@@ -14,9 +14,9 @@ A *row* is the dict stored under ``metrics.json["row"]``::
 
 plus ``"ln_reparam": True``, ``"kernel_in_bits": 8``, ``softmax["log2"] = True``, ``"probs": "logsqrt2" | "twin"``,
 ``"gelu_out": "twin"``, ``"scores": "twin"`` (docs/act-quantizers.md), ``"qdrop": 0.5`` (AdaRound's QDrop probability) and
-``"recon_loss": "fisher"`` when those options are on, and
+``"recon_loss": "fisher"``, ``"adaround_init": "gptq"`` when those options are on, and
 ``"gptq": {"damp": 0.01, "act_order": False}`` for wquant=gptq (named ``W4A8-gptq[-actorder][-damp0.1]-...``:
-the default damping unnamed).
+the default damping unnamed) and for adaround.init=gptq (``W4A4-adaround-block-...-gptqinit[-actorder]-...``).
 """
 
 from __future__ import annotations
@@ -56,12 +56,10 @@ def row_name(row: Mapping[str, Any]) -> str:
             parts.append(f"qdrop{row['qdrop']:g}")
         if row.get("recon_loss"):
             parts.append(str(row["recon_loss"]))
+        if row.get("adaround_init") == "gptq":
+            parts += ["gptqinit", *_gptq_parts(row)]
     if row.get("wquant") == "gptq":
-        g = row.get("gptq") or {}
-        if g.get("act_order"):
-            parts.append("actorder")
-        if g.get("damp", GPTQ_DAMP) != GPTQ_DAMP:
-            parts.append(f"damp{g['damp']:g}")
+        parts += _gptq_parts(row)
     if row.get("aquant") in ("mse", "percentile"):
         parts.append(str(row["aquant"]))
     if row.get("ln_reparam"):
@@ -84,6 +82,15 @@ def row_name(row: Mapping[str, Any]) -> str:
     if row.get("model", "tiny_digits") != "tiny_digits":
         parts.insert(0, str(row["model"]))
     return "-".join(parts)
+
+
+def _gptq_parts(row: Mapping[str, Any]) -> list[str]:
+    """GPTQ's options off their defaults: ``actorder``, ``damp0.1``."""
+    g = row.get("gptq") or {}
+    parts = ["actorder"] if g.get("act_order") else []
+    if g.get("damp", GPTQ_DAMP) != GPTQ_DAMP:
+        parts.append(f"damp{g['damp']:g}")
+    return parts
 
 
 def _kernel_width_parts(row: Mapping[str, Any]) -> list[str]:

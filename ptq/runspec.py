@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ptq.cache import file_digest
-from ptq.config import ConfigError
+from ptq.config import ConfigError, uses_gptq_start
 from ptq.quant.nonlinear import Backend
 from ptq.quant.vit import QuantSettings
 
@@ -35,8 +35,8 @@ def row_of(cfg: Any) -> dict[str, Any]:
     """The config fields that name this run's results-table row (see ptq.naming).
 
     Options added later (``ln_reparam``, ``kernel_in_bits``, ``softmax.log2``, ``probs``, ``gelu_out``,
-    AdaRound's ``qdrop`` and ``recon_loss``) appear only when on, and ``gptq`` (damping, act_order) only
-    for wquant=gptq, so earlier
+    AdaRound's ``qdrop``, ``recon_loss`` and ``adaround_init``) appear only when on, and ``gptq`` (damping,
+    act_order) only for wquant=gptq and adaround.init=gptq, so earlier
     runs' rows (and names) stay what they were.
     """
     row = {
@@ -70,7 +70,9 @@ def row_of(cfg: Any) -> dict[str, Any]:
         row["qdrop"] = float(cfg.adaround.qdrop_prob)
     if cfg.wquant.name == "adaround" and cfg.adaround.loss != "mse":
         row["recon_loss"] = str(cfg.adaround.loss)
-    if cfg.wquant.name == "gptq":  # block_size only batches the updates: the same codes, not part of the row
+    if uses_gptq_start(cfg):
+        row["adaround_init"] = "gptq"
+    if cfg.wquant.name == "gptq" or uses_gptq_start(cfg):  # block_size only batches the updates: not in the row
         row["gptq"] = {"damp": float(cfg.gptq.damp), "act_order": bool(cfg.gptq.act_order)}
     return row
 

@@ -161,9 +161,10 @@ def test_every_granularity_runs_and_learns(compose_cfg, tmp_path: Path, granular
     assert (run_dir / "recon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resume_equals_uninterrupted(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("init", ["float", "gptq"])
+def test_resume_equals_uninterrupted(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, init: str) -> None:
     args = ("debug=quick", "wquant=adaround", "granularity=block", "wbits=4", "adaround.iters=15",
-            "data.eval_images=128")
+            "data.eval_images=128", f"adaround.init={init}")
     full = pipeline.run(compose_cfg(*args, f"cache_dir={tmp_path / 'c_full'}"), tmp_path / "full")
     index = list((tmp_path / "c_full" / "recon").iterdir())  # written atomically: one whole file, no temporary
     assert len(index) == 1 and json.loads(index[0].read_text()) == {
@@ -189,6 +190,10 @@ def test_resume_equals_uninterrupted(compose_cfg, tmp_path: Path, monkeypatch: p
     for key in ("acc1", "acc5", "agreement", "kl"):
         assert resumed[key] == full[key], key
     assert [r["loss_after"] for r in resumed["units"]] == [r["loss_after"] for r in full["units"]]
+    def errors(m: dict) -> list:
+        return [(r["name"], r["err_gptq"], r["err_nearest"]) for r in m.get("gptq_layers", [])]
+
+    assert errors(resumed) == errors(full) and bool(errors(full)) == (init == "gptq")  # the start's records kept
 
 
 def test_resume_key_follows_the_calibration_spec(compose_cfg, monkeypatch: pytest.MonkeyPatch) -> None:

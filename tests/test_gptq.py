@@ -162,3 +162,61 @@ def test_gptq_rows_are_named(compose_cfg) -> None:
     row = row_of(compose_cfg("wquant=gptq", "wbits=4", "gptq.act_order=true", "gptq.damp=0.1", "nonlinear=ivit"))
     assert row_name(row) == "W4A8-gptq-actorder-damp0.1-ivit" and _labels(row)["[W]"] == "GPTQ+ActOrder"
     assert "gptq" not in row_of(compose_cfg("wquant=absmax"))  # other rows (and names) stay what they were
+
+
+def test_compensated_start_rounds_to_the_codes(fc1) -> None:
+    """adaround.init=gptq: AdaRound starts at GPTQ's compensated weights, whose hard rounding is GPTQ's codes."""
+    from ptq.quant.rounding import AdaRoundQuantizer
+    from ptq.recon.gptq import gptq_solve
+
+    w, scale, x = fc1
+    h = x.t() @ x / x.shape[0]
+    w_s = w / channel_view(scale, w)
+    codes, start = gptq_solve(w_s, h, 4, block_size=16)
+    assert torch.equal(codes, gptq_codes(w_s, h, 4, block_size=16))
+    assert torch.equal(start[:, 0], w_s[:, 0])  # nothing is fed into the first column
+    assert float((start - w_s).abs().max()) > 0.5  # the others carry the fed-forward error
+    lo, hi = qrange(4)
+    assert torch.equal(codes, torch.clamp(torch.round(start), lo, hi))
+    ada = AdaRoundQuantizer(w, 4, start=start)
+    assert torch.equal(ada.scale, scale)  # the same absmax grid
+    tie = (start - start.floor()) == 0.5  # round-half-even and h >= 0.5 part ways only on exact ties
+    assert torch.equal(ada.hard_codes()[~tie], codes[~tie])
+    ada.soft = True
+    assert torch.allclose(ada(w), torch.clamp(start, lo, hi), atol=1e-5)  # the soft start is the compensated weights
+    with pytest.raises(ValueError, match="start of shape"):
+        AdaRoundQuantizer(w, 4, start=start[:, 1:])
+
+
+def test_cli_adaround_from_gptq_is_bit_exact_and_rebuilds(run_cli, tmp_path: Path) -> None:
+    res = run_cli("wquant=adaround", "granularity=block", "adaround.init=gptq", "wbits=4", "nonlinear=ivit",
+                  "export=true", "debug=quick", "data.eval_images=128")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "ok" and m["name"] == "W4A8-adaround-block-lsq-gptqinit-ivit"
+    assert len(m["gptq_layers"]) == 18 and len(m["units"]) == 10
+    assert m["intexec"]["exact"] and m["intexec"]["mismatches"] == 0
+    state = torch.load(run / "quant_state.pt", weights_only=False)["state"]
+    assert len(state["codes"]) == 18 and not state["rounding"]  # kept as codes: the floors are GPTQ's
+    proc = subprocess.run([sys.executable, "-m", "ptq.intexec", str(run)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "mismatches=0/" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_gptq_start_options(compose_cfg, run_cli) -> None:
+    from ptq.naming import row_name
+    from ptq.runspec import row_of
+    from ptq.table.frame import _labels
+
+    base = ("wquant=adaround", "granularity=block", "adaround.init=gptq", "wbits=4", "nonlinear=ivit")
+    row = row_of(compose_cfg(*base, "gptq.act_order=true"))
+    assert row_name(row) == "W4A8-adaround-block-lsq-gptqinit-actorder-ivit"
+    assert _labels(row)["[W]"] == "AdaRound(Block)+GPTQinit"
+    assert "adaround_init" not in row_of(compose_cfg("wquant=adaround"))  # other rows stay what they were
+    cfg = compose_cfg(*base, "gptq.damp=0.1", "gptq.calib_images=64")
+    lines = no_effect(cfg, [*base, "gptq.damp=0.1", "gptq.calib_images=64"])
+    assert len(lines) == 1 and lines[0].startswith("gptq.calib_images=64: no effect") and "adaround.calib_images" in lines[0]
+    res = run_cli("wquant=adaround", "adaround.init=nearest", timeout=60)
+    err = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(err) == 1 and "adaround.init" in err[0] and "float, gptq" in err[0], res.stderr

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ptq.quant.qtensor import qrange
-from ptq.quant.quantizers import WeightQuantizer, channel_view
+from ptq.quant.quantizers import CodeQuantizer, WeightQuantizer, channel_view
 from ptq.quant.vit import QuantModel
 
 ZETA, GAMMA = 1.1, -0.1
@@ -27,9 +27,14 @@ class AdaRoundQuantizer(WeightQuantizer):
     so the hard weights are nearest rounding.
     """
 
-    def __init__(self, weight: Tensor, bits: int) -> None:
+    def __init__(self, weight: Tensor, bits: int, start: Tensor | None = None) -> None:
+        """``start``: where to start in units of the step, ``W / s`` if None (the spec); AdaRound then
+        chooses between ``floor(start)`` and the code above it (``adaround.init=gptq``: GPTQ's
+        compensated weights, ``ptq.recon.gptq.install_rounding``)."""
         super().__init__(weight, bits)
-        w_s = weight.detach() / channel_view(self.scale, weight)
+        if start is not None and start.shape != weight.shape:
+            raise ValueError(f"start of shape {tuple(start.shape)} for a weight of shape {tuple(weight.shape)}")
+        w_s = weight.detach() / channel_view(self.scale, weight) if start is None else start.detach().to(weight)
         floor = torch.floor(w_s)
         self.register_buffer("w_floor", floor)
         frac = (w_s - floor).clamp(0.0, 1.0)
@@ -55,6 +60,10 @@ class AdaRoundQuantizer(WeightQuantizer):
             raise ValueError(f"rounding of shape {tuple(up.shape)} for a weight of shape {tuple(self.v.shape)}")
         self.v.copy_(torch.where(up.to(self.v.device).bool(), V_SATURATED, -V_SATURATED))
 
+    def hard_codes(self) -> Tensor:
+        """The integer codes of the hard rounding, ``clamp(floor + (h >= 0.5))``."""
+        return torch.clamp(self.w_floor + self.rounding(), *qrange(self.bits)).detach()
+
     def forward(self, weight: Tensor) -> Tensor:
         lo, hi = qrange(self.bits)
         offset = self.h() if self.soft else self.rounding()
@@ -74,3 +83,14 @@ def install_adaround(qmodel: QuantModel) -> list[AdaRoundQuantizer]:
         if lin.wq is not None:
             out.append(lin.wq)
     return out
+
+
+def rounding_as_codes(qmodel: QuantModel) -> None:
+    """Replace every AdaRound quantizer by a :class:`CodeQuantizer` holding its hard codes.
+
+    For a rounding whose floor is not ``floor(W / s)`` (``adaround.init=gptq``): the compact state
+    rebuilds AdaRound from one bit per weight over that floor, so such codes are kept as codes.
+    """
+    for lin in qmodel.linears():
+        if isinstance(lin.wq, AdaRoundQuantizer):
+            lin.wq = CodeQuantizer(lin.weight, lin.wq.bits, lin.wq.hard_codes()).to(lin.weight.device)

@@ -29,10 +29,12 @@ from torch import nn
 from ptq.atomic import atomic_path
 from ptq.cache import spec_key
 from ptq.calib import calibration_spec
+from ptq.config import uses_gptq_start
 from ptq.data.build import loader, subset
 from ptq.quant.models import quantize_model
-from ptq.quant.rounding import install_adaround
+from ptq.quant.rounding import install_adaround, rounding_as_codes
 from ptq.quant.vit import QLinear, QuantModel, QuantSettings
+from ptq.recon import gptq
 from ptq.recon.plots import plot_reconstruction
 from ptq.recon.train import flush_denormals, train_unit
 from ptq.recon.unitcache import capture, capture_fisher
@@ -75,6 +77,7 @@ def resume_key(cfg: Any, qmodel: QuantModel) -> str:
     return spec_key({
         "row": row_of(cfg), "calibration": calibration_spec(cfg, qmodel), "seed": int(cfg.seed),
         "adaround": dict(cfg.adaround), "lsq": dict(cfg.lsq),
+        **({"gptq": {k: cfg.gptq[k] for k in ("damp", "block_size", "act_order")}} if uses_gptq_start(cfg) else {}),
     })
 
 
@@ -125,11 +128,16 @@ def reconstruct_model(cfg: Any, qmodel: QuantModel, fp_model: nn.Module, calib_s
     index = Path(cfg.cache_dir) / "recon" / f"{resume_key(cfg, qmodel)}.json" if cfg.cache_dir else None
     ckpt_path = run_dir / "recon_checkpoint.pt"
     state = _load_resume(index, qmodel) if index is not None and cfg.adaround.resume else None
+    bs = cfg.data.batch_size
+    if state is None and uses_gptq_start(cfg):  # a resumed run's checkpoint holds its GPTQ start already
+        xs = [images[j:j + bs].to(device) for j in range(0, len(images), bs)]
+        metrics["gptq_layers"] = gptq.sequential(qmodel, xs, cfg.gptq, device, gptq.install_rounding)
+    elif state is not None and state.get("gptq_layers"):
+        metrics["gptq_layers"] = state["gptq_layers"]
     done = state["done"] if state else 0
     records: list[dict[str, Any]] = state["records"] if state else []
     curves: dict[str, dict[str, list[float]]] = state["curves"] if state else {}
     metrics["resumed_units"] = done
-    bs = cfg.data.batch_size
     with flush_denormals():
         for i, (name, unit) in enumerate(units):
             if i < done:
@@ -144,12 +152,14 @@ def reconstruct_model(cfg: Any, qmodel: QuantModel, fp_model: nn.Module, calib_s
             log.info("unit %d/%d %s: loss %.4g -> %.4g in %d iters (%s, %.1fs)", i + 1, len(units), name,
                      record["loss_before"], record["loss_after"], record["iters"],
                      "early stop" if record["early_stopped"] else "all iters", record["seconds"])
-            _atomic_save({"done": i + 1, "state": qmodel.state_dict(), "records": records, "curves": curves},
-                         ckpt_path)
+            _atomic_save({"done": i + 1, "state": qmodel.state_dict(), "records": records, "curves": curves,
+                          "gptq_layers": metrics.get("gptq_layers")}, ckpt_path)
             if index is not None:
                 _write_index(index, ckpt_path, i + 1)
             if on_unit is not None:
                 on_unit(i + 1, len(units), name)
+    if uses_gptq_start(cfg):  # floors off floor(W / s): the state keeps the codes themselves (ptq.quant.state)
+        rounding_as_codes(qmodel)
     metrics["units"] = records
     metrics["curves"] = curves
     try:

@@ -9,6 +9,9 @@ quantized through the Cholesky factor of ``H^-1``. The grid is the absmax one of
 (``ptq.quant.quantizers.absmax_scale``, clamped to the same signed range); the codes go into a
 ``CodeQuantizer``, which the integer program, the QDQ export and ``quant_state.pt`` read as they read
 any weight quantizer. Exact definitions: docs/gptq.md.
+
+With ``adaround.init=gptq`` the same pass (:func:`sequential`) gives AdaRound its start instead: each
+linear gets an ``AdaRoundQuantizer`` starting at GPTQ's compensated weights (:func:`install_rounding`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 from ptq.data.build import loader, subset
 from ptq.quant.qtensor import qrange
 from ptq.quant.quantizers import CodeQuantizer, WeightQuantizer, channel_view
+from ptq.quant.rounding import AdaRoundQuantizer
 from ptq.quant.vit import QLinear, QuantModel
 from ptq.recon.unitcache import capture_gram
 
@@ -52,6 +56,18 @@ def gptq_codes(w_s: Tensor, h: Tensor, bits: int, damp: float = 0.01, block_size
                act_order: bool = False) -> Tensor:
     """Integer codes of ``w_s = W / s`` (weights in units of their row's step) minimising ``||X (W - s Q)^T||``.
 
+    The codes of :func:`gptq_solve`; see there.
+    """
+    return gptq_solve(w_s, h, bits, damp, block_size, act_order)[0]
+
+
+@torch.no_grad()
+def gptq_solve(w_s: Tensor, h: Tensor, bits: int, damp: float = 0.01, block_size: int = 128,
+               act_order: bool = False) -> tuple[Tensor, Tensor]:
+    """GPTQ's ``(codes, compensated)`` for ``w_s = W / s``: the integer codes, and each column as it was
+    when it was rounded (``w_s`` plus the error fed forward from the columns before it; ``codes`` is its
+    nearest rounding, clamped). ``compensated`` is AdaRound's start with ``adaround.init=gptq``.
+
     ``h`` is the input Gram matrix ``X^T X / N`` ([in, in]). Columns whose input is always zero
     (``H_jj = 0``) get code 0 and no Hessian. Column ``j`` (in ``diag(H)``-descending order when
     ``act_order``) is rounded to the nearest code in ``qrange(bits)``; its error ``(w_j - q_j) / U_jj``
@@ -70,18 +86,20 @@ def gptq_codes(w_s: Tensor, h: Tensor, bits: int, damp: float = 0.01, block_size
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_factor(h, damp)
     q = torch.zeros_like(w)
+    seen = torch.zeros_like(w)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
         err = torch.zeros_like(w1)
         for j in range(i2 - i1):
+            seen[:, i1 + j] = w1[:, j]
             q[:, i1 + j] = torch.clamp(torch.round(w1[:, j]), lo, hi)
             err[:, j] = (w1[:, j] - q[:, i1 + j]) / u1[j, j]
             w1[:, j:] -= err[:, j:j + 1] * u1[j:j + 1, j:]
         w[:, i2:] -= err @ u[i1:i2, i2:]
-    out = torch.empty_like(q)
-    out[:, perm] = q
-    return out.to(w_s.dtype)
+    out, start = torch.empty_like(q), torch.empty_like(seen)
+    out[:, perm], start[:, perm] = q, seen
+    return out.to(w_s.dtype), start.to(w_s.dtype)
 
 
 def output_error(weight: Tensor, codes: Tensor, scale: Tensor, h: Tensor) -> float:
@@ -103,24 +121,40 @@ def _forward_order(unit: nn.Module, x: Any) -> list[QLinear]:
     return order
 
 
-@torch.no_grad()
-def reconstruct_model(cfg: Any, qmodel: QuantModel, calib_source: Any, device: torch.device, metrics: dict[str, Any],
-                      on_unit: Callable[[int, int, str], None] | None = None) -> None:
-    """Replace every weight quantizer of ``qmodel`` by GPTQ codes, linear by linear in forward order.
+#: ``install(lin, codes, start)``: put a weight quantizer holding GPTQ's choice for ``lin`` in place
+Install = Callable[[QLinear, Tensor, Tensor], None]
 
-    The calibration batches are carried through the model's chain (``embed``, each of ``blocks``,
-    ``head``: ``QuantModel.forward``) one part at a time: a part's linears get their Gram matrices
-    from the part's cached inputs, each after the linears before it hold their codes, and the part's
-    outputs with all its codes in place are the next part's inputs. Every part runs once per linear
-    it holds (stopped at that linear) plus once in full, instead of the whole model up to each linear.
 
-    ``metrics["gptq_layers"]``: per linear, the relative output error ``||X (W - sQ)^T||^2 / ||X W^T||^2``
-    of GPTQ's codes and of nearest rounding's, and its seconds.
+def install_codes(lin: QLinear, codes: Tensor, start: Tensor) -> None:
+    """``wquant=gptq``: the codes themselves, in a :class:`CodeQuantizer`."""
+    lin.wq = CodeQuantizer(lin.weight, lin.wq.bits, codes).to(lin.weight.device)
+
+
+def install_rounding(lin: QLinear, codes: Tensor, start: Tensor) -> None:
+    """``adaround.init=gptq``: an AdaRound quantizer whose V starts at GPTQ's compensated weights.
+
+    Its floor is ``floor(start)`` and ``h(V)`` the fractional part of ``start``, so its hard rounding
+    before training is GPTQ's codes (ties aside) and training chooses between the two codes around
+    each compensated weight.
     """
-    g = cfg.gptq
-    qmodel.to(device)
-    calib = subset(calib_source, g.calib_images, int(cfg.seed) + 1)  # AdaRound's calibration images
-    xs: list[Any] = [x.to(device) for x, _ in loader(calib, cfg.data.batch_size, cfg.data.num_workers, device)]
+    lin.wq = AdaRoundQuantizer(lin.weight, lin.wq.bits, start=start).to(lin.weight.device)
+
+
+@torch.no_grad()
+def sequential(qmodel: QuantModel, xs: list[Any], g: Any, device: torch.device, install: Install,
+               on_unit: Callable[[int, int, str], None] | None = None) -> list[dict[str, Any]]:
+    """GPTQ every linear of ``qmodel`` in forward order on the input batches ``xs``; the per-linear records.
+
+    The batches are carried through the model's chain (``embed``, each of ``blocks``, ``head``:
+    ``QuantModel.forward``) one part at a time: a part's linears get their Gram matrices from the
+    part's cached inputs, each after the linears before it hold their new quantizers (``install``), and
+    the part's outputs with all of them in place are the next part's inputs. Every part runs once per
+    linear it holds (stopped at that linear) plus once in full, instead of the whole model up to each
+    linear.
+
+    Each record: the relative output error ``||X (W - sQ)^T||^2 / ||X W^T||^2`` of GPTQ's codes and of
+    nearest rounding's, and its seconds.
+    """
     parts = [qmodel.embed, *qmodel.blocks, qmodel.head]
     total = sum(1 for lin in qmodel.linears() if lin.wq is not None)
     records: list[dict[str, Any]] = []
@@ -129,7 +163,7 @@ def reconstruct_model(cfg: Any, qmodel: QuantModel, calib_source: Any, device: t
         for lin in _forward_order(part, xs[0]):
             t0 = time.perf_counter()
             h = capture_gram(part, lin, xs)
-            records.append(_quantize_linear(lin, h, g, device, time.perf_counter() - t0))
+            records.append(_quantize_linear(lin, h, g, device, time.perf_counter() - t0, install))
             bar.update()
             log.info("gptq %d/%d %s: relative output error %.4g (nearest %.4g)", len(records), total, lin.name,
                      records[-1]["err_gptq"], records[-1]["err_nearest"])
@@ -138,16 +172,31 @@ def reconstruct_model(cfg: Any, qmodel: QuantModel, calib_source: Any, device: t
         if part is not parts[-1]:
             xs = [part(x) for x in xs]
     bar.close()
-    metrics["gptq_layers"] = records
+    return records
 
 
-def _quantize_linear(lin: QLinear, h: Tensor, g: Any, device: torch.device, capture_s: float) -> dict[str, Any]:
-    """GPTQ codes for ``lin`` from its Gram matrix ``h``, installed as its ``CodeQuantizer``; its record."""
+@torch.no_grad()
+def reconstruct_model(cfg: Any, qmodel: QuantModel, calib_source: Any, device: torch.device, metrics: dict[str, Any],
+                      on_unit: Callable[[int, int, str], None] | None = None) -> None:
+    """``wquant=gptq``: replace every weight quantizer of ``qmodel`` by GPTQ codes (:func:`sequential`).
+
+    ``metrics["gptq_layers"]``: the per-linear records.
+    """
+    g = cfg.gptq
+    qmodel.to(device)
+    calib = subset(calib_source, g.calib_images, int(cfg.seed) + 1)  # AdaRound's calibration images
+    xs: list[Any] = [x.to(device) for x, _ in loader(calib, cfg.data.batch_size, cfg.data.num_workers, device)]
+    metrics["gptq_layers"] = sequential(qmodel, xs, g, device, install_codes, on_unit)
+
+
+def _quantize_linear(lin: QLinear, h: Tensor, g: Any, device: torch.device, capture_s: float,
+                     install: Install) -> dict[str, Any]:
+    """GPTQ's choice for ``lin`` from its Gram matrix ``h``, installed by ``install``; its record."""
     t0 = time.perf_counter()
     nearest = WeightQuantizer(lin.weight, lin.wq.bits).to(device)
     w_s = lin.weight.detach() / channel_view(nearest.scale, lin.weight)
-    codes = gptq_codes(w_s, h, lin.wq.bits, float(g.damp), int(g.block_size), bool(g.act_order))
-    lin.wq = CodeQuantizer(lin.weight, lin.wq.bits, codes).to(device)
+    codes, start = gptq_solve(w_s, h, lin.wq.bits, float(g.damp), int(g.block_size), bool(g.act_order))
+    install(lin, codes, start)
     ref = max(float(((lin.weight.double() @ h) * lin.weight.double()).sum()), 1e-30)
     return {"name": lin.name, "err_gptq": output_error(lin.weight, codes, nearest.scale, h) / ref,
             "err_nearest": output_error(lin.weight, nearest(lin.weight), nearest.scale, h) / ref,

@@ -42,6 +42,8 @@ def _labels(row: Mapping[str, Any]) -> dict[str, Any]:
             wl += "+QDrop"
         if row.get("recon_loss") == "fisher":
             wl += "+Fisher"
+        if row.get("adaround_init") == "gptq":
+            wl += "+GPTQinit"
     elif wq == "gptq":
         wl = "GPTQ+ActOrder" if (row.get("gptq") or {}).get("act_order") else "GPTQ"
     else:
