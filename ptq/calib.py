@@ -90,6 +90,8 @@ def search_spec(cfg: Any) -> dict[str, Any]:
         spec["ln_reparam"] = {"alpha": float(aq.ln_reparam_alpha)}
     if aq.kernel_in_bits is not None:
         spec["kernel_in_bits"] = int(aq.kernel_in_bits)
+    if aq.image_bits is not None:
+        spec["image_bits"] = int(aq.image_bits)
     twins = [k for k in CODED_ROLES if aq.get(k, "uniform") == "twin"]
     if twins:  # twin quantizers fill a histogram even with movavg steps
         spec["twin"] = twins

@@ -65,6 +65,7 @@ class AQuantConfig:
     ln_reparam: bool = False  # fold per-channel LN-output factors into LN affine + next linear (quant.reparam)
     ln_reparam_alpha: float = 1.0  # strength: factors (absmax_c / mean) ** alpha
     kernel_in_bits: int | None = None  # Softmax / GELU input width (null: abits); matmul operands stay abits
+    image_bits: int | None = None  # the input image's width (null: abits); 8: PTQ4ViT's convention, the image is 8-bit data
     probs: str = "uniform"  # Softmax output codes: uniform, log2, logsqrt2, twin (docs/act-quantizers.md)
     gelu_out: str = "uniform"  # GELU output codes: uniform, twin
     scores: str = "uniform"  # Softmax input codes (the attention scores): uniform, twin
@@ -311,6 +312,8 @@ def validate(cfg: Any) -> None:
     check("aquant.ln_reparam_alpha", 0.0 < cfg.aquant.ln_reparam_alpha <= 1.0, "a strength in (0, 1]")
     check("aquant.kernel_in_bits", cfg.aquant.kernel_in_bits is None or 2 <= cfg.aquant.kernel_in_bits <= 16,
           "null (= abits) or an integer from 2 to 16")
+    check("aquant.image_bits", cfg.aquant.image_bits is None or 2 <= cfg.aquant.image_bits <= 16,
+          "null (= abits) or an integer from 2 to 16")
     if cfg.aquant.ln_reparam and cfg.aquant.name == "none":
         raise ConfigError("aquant.ln_reparam=true reparameterises activation quantization: it needs aquant="
                           "movavg, mse or percentile (got aquant=none)")
@@ -357,6 +360,8 @@ _INERT: tuple[tuple[tuple[str, ...], Any, str], ...] = (
      "nonlinear.softmax.log2=true gives log2 probabilities already"),
     (("aquant.kernel_in_bits",), lambda c: c.aquant.kernel_in_bits == c.abits,
      "the Softmax / GELU inputs are A{abits} already"),
+    (("aquant.image_bits",), lambda c: c.aquant.image_bits == c.abits, "the input image is A{abits} already"),
+    (("aquant.image_bits",), lambda c: not c.aquant.quant_io, "aquant.quant_io=false leaves the image float"),
     (("nonlinear.softmax.", "nonlinear.gelu.", "nonlinear.idadd_bits"), lambda c: c.nonlinear.name == "fp",
      "they set the integer kernels of nonlinear=ivit (got nonlinear=fp)"),
 )

@@ -14,7 +14,7 @@ A *row* is the dict stored under ``metrics.json["row"]``::
 
 plus ``"ln_reparam": True``, ``"kernel_in_bits": 8``, ``softmax["log2"] = True``, ``"probs": "logsqrt2" | "twin"``,
 ``"gelu_out": "twin"``, ``"scores": "twin"`` (docs/act-quantizers.md), ``"qdrop": 0.5`` (AdaRound's QDrop probability) and
-``"recon_loss": "fisher"``, ``"adaround_init": "gptq"`` when those options are on, and
+``"recon_loss": "fisher"``, ``"image_bits": 8``, ``"adaround_init": "gptq"`` when those options are on, and
 ``"gptq": {"damp": 0.01, "act_order": False}`` for wquant=gptq (named ``W4A8-gptq[-actorder][-damp0.1]-...``:
 the default damping unnamed) and for adaround.init=gptq (``W4A4-adaround-block-...-gptqinit[-actorder]-...``).
 """
@@ -66,6 +66,8 @@ def row_name(row: Mapping[str, Any]) -> str:
         parts.append("lnrep")
     if row.get("kernel_in_bits"):
         parts.append(f"k{row['kernel_in_bits']}")
+    if row.get("image_bits"):
+        parts.append(f"img{row['image_bits']}")
     if (row.get("softmax") or {}).get("log2"):
         parts.append("log2")
     if row.get("probs"):

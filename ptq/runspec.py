@@ -58,6 +58,8 @@ def row_of(cfg: Any) -> dict[str, Any]:
         row["ln_reparam"] = True
     if cfg.aquant.kernel_in_bits is not None and cfg.aquant.name != "none" and cfg.aquant.kernel_in_bits != cfg.abits:
         row["kernel_in_bits"] = int(cfg.aquant.kernel_in_bits)
+    if image_bits_of(cfg) is not None:
+        row["image_bits"] = image_bits_of(cfg)
     if cfg.nonlinear.softmax.log2 or cfg.aquant.probs == "log2":
         row["softmax"]["log2"] = True
     elif cfg.aquant.probs != "uniform":
@@ -77,6 +79,14 @@ def row_of(cfg: Any) -> dict[str, Any]:
     return row
 
 
+def image_bits_of(cfg: Any) -> int | None:
+    """The input image quantizer's width where it differs from ``abits`` (and is quantized at all), else None."""
+    aq = cfg.aquant
+    if aq.image_bits is None or aq.name == "none" or not aq.quant_io or aq.image_bits == cfg.abits:
+        return None
+    return int(aq.image_bits)
+
+
 def settings_of(cfg: Any) -> QuantSettings:
     """QuantSettings from the config (None widths where a quantizer is off)."""
     nl = cfg.nonlinear
@@ -92,6 +102,7 @@ def settings_of(cfg: Any) -> QuantSettings:
         act_percentile=float(cfg.aquant.percentile),
         act_grid=int(cfg.aquant.search_grid),
         kernel_in_bits=None if cfg.aquant.kernel_in_bits is None else int(cfg.aquant.kernel_in_bits),
+        image_bits=image_bits_of(cfg),
         gelu_out=str(cfg.aquant.gelu_out),
         scores=str(cfg.aquant.scores),
     )

@@ -206,6 +206,7 @@ def test_rows_names_and_bad_combinations(compose_cfg, run_cli) -> None:
      "W4A4-adaround-block-lsq-mse-k8-ptwin-gtwin-ivit"),
     (("aquant.probs=logsqrt2",), "W4A4-absmax-mse-k8-logsqrt2-ivit"),
     (("aquant.scores=twin", "aquant.gelu_out=twin"), "W4A4-absmax-mse-k8-gtwin-stwin-ivit"),
+    (("aquant.image_bits=8", "aquant.gelu_out=twin"), "W4A4-absmax-mse-k8-img8-gtwin-ivit"),
 ])
 def test_cli_runs_export_bit_exact(run_cli, tmp_path: Path, args: tuple[str, ...], name: str) -> None:
     proc = run_cli("debug=quick", "data.eval_images=64", "wbits=4", "abits=4", "aquant=mse", "aquant.kernel_in_bits=8",

@@ -172,3 +172,36 @@ def test_w4a4_run_with_every_option_is_bit_exact(tmp_path: Path, capsys: pytest.
     capsys.readouterr()
     assert intexec_main([str(run), "--reexport"]) == 0
     assert capsys.readouterr().out.startswith("mismatches=0/64  (onnxruntime ")
+
+
+def test_image_bits_sets_only_the_input_image_quantizer(compose_cfg) -> None:
+    """``aquant.image_bits=8`` at A4: the image quantizer (ViT and Swin) at 8 bits, every other one at 4;
+    named ``-img8`` / ``+Img8``; inert (with a warning) where it changes nothing."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    from ptq.config import no_effect
+    from ptq.naming import row_name
+    from ptq.quant.models import quantize_model
+    from ptq.quant.quantizers import ActQuantizer
+    from ptq.runspec import row_of, settings_of
+    from ptq.table.frame import _labels
+
+    st = QuantSettings(wbits=4, abits=4, image_bits=8)
+    swin = SwinTransformer(img_size=16, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,), window_size=4,
+                           mlp_ratio=2.0, num_classes=10)
+    for q in (QuantViT(small_vit(layers=1), st), quantize_model(swin.eval(), st)):
+        widths = {n: m.bits for n, m in q.named_modules() if isinstance(m, ActQuantizer)}
+        assert widths.pop("embed.in_q") == 8
+        assert set(widths.values()) <= {4, 16} and 4 in widths.values()  # A4 and the 16-bit residual stream
+    base = ("nonlinear=ivit", "wbits=4", "abits=4", "aquant=mse")
+    cfg = compose_cfg(*base, "aquant.image_bits=8")
+    assert settings_of(cfg).image_bits == 8
+    row = row_of(cfg)
+    assert row_name(row) == "W4A4-absmax-mse-img8-ivit" and _labels(row)["[A]"] == "MSE+Img8"
+    for extra in (("aquant.image_bits=4",), ("aquant.image_bits=8", "aquant.quant_io=false")):
+        args = [*base, *extra]
+        c = compose_cfg(*args)
+        assert "image_bits" not in row_of(c) and settings_of(c).image_bits is None
+        assert any(line.startswith("aquant.image_bits=") and "no effect" in line for line in no_effect(c, args))
+    with pytest.raises(ConfigError, match="aquant.image_bits"):
+        validate(compose_cfg("aquant.image_bits=1"))

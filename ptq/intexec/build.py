@@ -77,7 +77,7 @@ def build_onnx(qmodel: QuantModel, input_spec: dict[str, Any] | None = None, met
         "outputs": {OUTPUT: "float32 logits = float32(logits_int) * per-class scale",
                     OUTPUT_INT: "the head's int32 accumulator"},
         "settings": {"wbits": st.wbits, "abits": st.abits, "idadd_bits": st.idadd_bits,
-                     "kernel_in_bits": st.kernel_in_bits,
+                     "kernel_in_bits": st.kernel_in_bits, "image_bits": st.image_bits,
                      "softmax": {"n": be.softmax_n, "out_bits": be.softmax_out_bits, "log2": be.softmax_log2},
                      "gelu": {"n": be.gelu_n, "sig_bits": be.gelu_sig_bits}},
     }

@@ -54,7 +54,7 @@ class QSwinEmbed(nn.Module):
         super().__init__()
         self.patch = parts.patch
         self.backend = st.backend
-        self.in_q = st.act(enabled=st.quant_io)
+        self.in_q = st.image_input()
         self.proj = QLinear(parts.conv_w.flatten(1), parts.conv_b, st.wbits, "patch_embed")
         self.proj_q = st.residual()  # per-channel accumulator -> one INT16 scale: what I-LayerNorm reads
         self.ln = _copy_ln(parts.embed_ln)

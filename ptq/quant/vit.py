@@ -48,6 +48,7 @@ class QuantSettings:
     act_percentile: float = 99.99
     act_grid: int = 100
     kernel_in_bits: int | None = None  # width of the Softmax / GELU inputs (None: abits)
+    image_bits: int | None = None  # width of the input image quantizer (None: abits)
     gelu_out: str = "uniform"  # the GELU output's codes: uniform or twin (ptq.quant.actcodes)
     scores: str = "uniform"  # the Softmax input's codes: uniform or twin
 
@@ -60,6 +61,10 @@ class QuantSettings:
         q = self.act(self.kernel_in_bits, codes=codes)
         q.feeds_kernel = self.backend.integer
         return q
+
+    def image_input(self) -> ActQuantizer:
+        """The input image's quantizer: A``image_bits`` or A``abits``; off with ``quant_io=False``."""
+        return self.act(self.image_bits, enabled=self.quant_io)
 
     def residual(self) -> ActQuantizer:
         """The residual stream's quantizer (IdAdd, ``idadd_bits``), always moving-average absmax.
@@ -167,7 +172,7 @@ class QPatchEmbed(nn.Module):
     def __init__(self, parts: ViTParts, st: QuantSettings) -> None:
         super().__init__()
         self.patch = parts.patch
-        self.in_q = st.act(enabled=st.quant_io)
+        self.in_q = st.image_input()
         self.proj = QLinear(parts.conv_w.flatten(1), parts.conv_b, st.wbits, "patch_embed")
         self.prefix = parts.prefix.shape[1]
         self.const = nn.Parameter(torch.cat([parts.prefix, parts.pos], dim=1).clone(), requires_grad=False)

@@ -58,6 +58,8 @@ def _labels(row: Mapping[str, Any]) -> dict[str, Any]:
             al += "+RepLN"
         if row.get("kernel_in_bits"):
             al += f"+K{row['kernel_in_bits']}"
+        if row.get("image_bits"):
+            al += f"+Img{row['image_bits']}"
     return {"[W]": wl, "[A]": al, "W": w, "A": a, **nonlinear_labels(row)}
 
 
