@@ -145,6 +145,7 @@ class SensitivityConfig:
     eval_images: int = 512  # fixed eval subset every variant is measured on
     high_bits: int = 8  # the width a group is raised to
     plot: str | None = None  # also write the bar chart here (e.g. docs/sensitivity_w4a4_best.png)
+    run: str | None = None  # a finished run dir: scan its reconstructed model (quant_state.pt), groups left float only
 
 
 @dataclass

@@ -207,3 +207,29 @@ def test_a_failure_is_recorded_as_failed(compose_cfg: Callable[..., DictConfig],
         scan.run(cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["error"] == "RuntimeError: boom" and "groups" not in metrics
+
+
+def test_a_finished_run_is_scanned_as_reconstructed(compose_cfg: Callable[..., DictConfig], tmp_path: Path,
+                                                    cache: Path) -> None:
+    """``sensitivity.run=RUN_DIR``: the run's own model (GPTQ's codes here, not nearest rounding) and
+    config; its baseline is the run's top-1 and KL on the same images; groups are only left float."""
+    run = tmp_path / "gptq_run"
+    proc = subprocess.run([sys.executable, "-m", "ptq.main", f"hydra.run.dir={run}", f"cache_dir={cache}", "debug=quick",
+                           "wquant=gptq", "data.eval_images=64", *W4A4_IVIT], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = json.loads((run / "metrics.json").read_text())
+    metrics = scan.run(compose_cfg(f"sensitivity.run={run}", "sensitivity.eval_images=64", f"cache_dir={cache}"),
+                       tmp_path / "scan")
+    assert metrics["status"] == "ok" and metrics["name"] == done["name"] and metrics["rounding"] is None
+    assert metrics["baseline"]["acc1"] == pytest.approx(done["acc1"]) and metrics["baseline"]["kl"] == pytest.approx(
+        done["kl"], rel=1e-5)
+    measured = [r for r in metrics["groups"] if not r.get("skipped")]
+    assert measured and all(r["high_acc1"] is None and r["raised"] == 0 for r in measured)
+    assert any(r["float_kl"] < metrics["baseline"]["kl"] for r in measured)  # something still costs after GPTQ
+    from ptq.sensitivity import report
+
+    assert "not measured (finished run)" in report.markdown(metrics)
+    bad = _sensitivity(tmp_path, cache, f"sensitivity.run={tmp_path / 'nowhere'}")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "sensitivity.run" in lines[0] and "not a directory" in lines[0]

@@ -44,7 +44,9 @@ def markdown(metrics: Mapping[str, Any]) -> str:
         if r.get("skipped"):
             lines.append(f"{head} skipped: {r['skipped']} | | | | | |")
             continue
-        if r["raised"]:
+        if r["high_acc1"] is None:
+            high = "not measured (finished run) | |"
+        elif r["raised"]:
             high = f"{_f(r['high_acc1'])} | {_f(r['cost_high'], sign=True)} | {_f(r['high_kl'], 4)}"
         else:
             high = f"already at {b} bits or wider | |"
@@ -69,12 +71,14 @@ def plot(metrics: Mapping[str, Any], path: Path) -> Path:
     h = 0.38
     ax.barh([v + h / 2 for v in y], [r["float_acc1"] - base for r in rows], height=h, left=base,
             color="tab:blue", label="group left float")
-    ax.barh([v - h / 2 for v in y], [r["high_acc1"] - base for r in rows], height=h, left=base,
-            color="tab:orange", label=f"group at {b} bits")
+    high = [(v, r) for v, r in zip(y, rows, strict=True) if r["high_acc1"] is not None]
+    if high:
+        ax.barh([v - h / 2 for v, _ in high], [r["high_acc1"] - base for _, r in high], height=h, left=base,
+                color="tab:orange", label=f"group at {b} bits")
     ax.axvline(base, color="black", linestyle="--", linewidth=1, label=f"baseline {base:.2f}")
     ax.axvline(fp, color="tab:green", linestyle=":", linewidth=1.5, label=f"float model {fp:.2f}")
     for v, r in zip(y, rows, strict=True):
-        if not r["raised"]:
+        if not r["raised"] and r["high_acc1"] is not None:
             ax.annotate(f"already at {b} bits or wider", (base, v - h / 2), xytext=(4, 0), textcoords="offset points",
                         va="center", fontsize=7, color="tab:orange")
     ax.set_yticks(y, [f"{r['group']} ({r['kind']}, {r['members']})" for r in rows], fontsize=8)
@@ -82,7 +86,9 @@ def plot(metrics: Mapping[str, Any], path: Path) -> Path:
     ax.set_xlabel("top-1 (%) on the eval subset")
     note = _rounding_note(metrics)
     skipped = [r["group"] for r in metrics["groups"] if r.get("skipped")]
-    title = (f"{metrics['name']}{note}\none quantizer group at a time left float / at {b} bits, "
+    what = "left float" if not high else f"left float / at {b} bits"
+    source = f" (finished run {metrics['source_run']})" if metrics.get("source_run") else ""
+    title = (f"{metrics['name']}{note}{source}\none quantizer group at a time {what}, "
              f"the rest as configured (n_eval={metrics['n_eval']})")
     if skipped:
         title += f"\nskipped (disabled in this config): {', '.join(skipped)}"

@@ -46,7 +46,16 @@ Measure = Callable[[str], tuple[dict[str, float], Tensor]]
 
 
 def check(cfg: DictConfig) -> None:
-    """ConfigError for a config with nothing to scan (no weight and no activation quantizer)."""
+    """ConfigError for a config with nothing to scan (no weight and no activation quantizer), or a
+    ``sensitivity.run`` that is not a finished run with its quantized state."""
+    if cfg.sensitivity.run:
+        from ptq.intexec.rebuild import NotVerifiable, load_run_model
+
+        try:
+            load_run_model(cfg.sensitivity.run, integer=False)
+        except NotVerifiable as exc:
+            raise ConfigError(f"sensitivity.run: {exc}") from None
+        return
     if cfg.wquant.name == "none" and cfg.aquant.name == "none":
         raise ConfigError("ptq.sensitivity needs a quantized model: wquant=none with aquant=none quantizes nothing")
 
@@ -57,8 +66,12 @@ def eval_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg, {"data": {"eval_images": int(cfg.sensitivity.eval_images)}})
 
 
-def scan_groups(qmodel: QuantModel, measure: Measure, high_bits: int, baseline: dict[str, float]) -> list[dict[str, Any]]:
-    """One record per group, sorted by ``cost_float`` (largest first, ties by the lower KL; skipped groups last)."""
+def scan_groups(qmodel: QuantModel, measure: Measure, high_bits: int | None,
+                baseline: dict[str, float]) -> list[dict[str, Any]]:
+    """One record per group, sorted by ``cost_float`` (largest first, ties by the lower KL; skipped groups last).
+
+    ``high_bits=None``: groups are only left float (``high_*`` null, ``raised`` 0).
+    """
     records = []
     for g in tqdm(groups(qmodel), desc="groups", leave=False):
         rec: dict[str, Any] = {"group": g.name, "kind": g.kind, "members": g.members}
@@ -68,27 +81,45 @@ def scan_groups(qmodel: QuantModel, measure: Measure, high_bits: int, baseline: 
             continue
         with left_float(g):
             low, _ = measure(f"{g.name} float")
-        n_raised = raisable(g, high_bits)
-        if n_raised:
+        n_raised = raisable(g, high_bits) if high_bits is not None else 0
+        if high_bits is None:
+            high: dict[str, Any] = {"acc1": None, "kl": None}
+        elif n_raised:
             with raised(g, high_bits):
                 high, _ = measure(f"{g.name} {high_bits}-bit")
         else:  # already at high_bits or wider (e.g. the 16-bit residual): the baseline itself
             high = baseline
         records.append({**rec, "raised": n_raised, "float_acc1": low["acc1"], "float_kl": low["kl"],
                         "high_acc1": high["acc1"], "high_kl": high["kl"],
-                        "cost_float": low["acc1"] - baseline["acc1"], "cost_high": high["acc1"] - baseline["acc1"]})
+                        "cost_float": low["acc1"] - baseline["acc1"],
+                        "cost_high": None if high["acc1"] is None else high["acc1"] - baseline["acc1"]})
     return sorted(records, key=lambda r: (True, 0.0, 0.0, r["group"]) if r.get("skipped") else
                   (False, -r["cost_float"], r["float_kl"], r["group"]))
 
 
+def finished_run(cfg: DictConfig) -> tuple[DictConfig, QuantModel]:
+    """``sensitivity.run``: the run's own config (with this command's ``sensitivity``, device, threads and
+    cache) and its reconstructed model, rebuilt from ``quant_state.pt``."""
+    from ptq.intexec.rebuild import load_run_model
+
+    qmodel, run_cfg, _ = load_run_model(cfg.sensitivity.run, integer=False)
+    mine = {k: cfg[k] for k in ("sensitivity", "device", "threads", "cache_dir")}
+    return OmegaConf.merge(run_cfg, mine), qmodel
+
+
 def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str, Any]:
-    """Scan one configuration; returns (and writes) its metrics, the chart beside them."""
+    """Scan one configuration (or, with ``sensitivity.run``, a finished run's model); returns (and writes)
+    its metrics, the chart beside them."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    qmodel = None
+    if cfg.sensitivity.run:
+        cfg, qmodel = finished_run(cfg)
     row = row_of(cfg)
     name = naming.row_name(row)
     metrics: dict[str, Any] = {"status": "running", "error": None, "tool": "sensitivity", "name": name, "row": row,
                                "seed": int(cfg.seed), "high_bits": int(cfg.sensitivity.high_bits),
-                               "rounding": NEAREST_NOTES.get(cfg.wquant.name),
+                               "rounding": None if qmodel is not None else NEAREST_NOTES.get(cfg.wquant.name),
+                               "source_run": cfg.sensitivity.run,
                                "seconds": {}, "cached": {}, "process": rundir.process_identity()}
     path = run_dir / rundir.METRICS_FILE
     write_json(path, metrics)
@@ -97,17 +128,17 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Any | None = None) -> dict[str,
         plain["tracking"]["tags"] = [*plain["tracking"]["tags"], "sensitivity"]
         tracker.start(plain, run_dir, f"{name} sensitivity", row)
     with recorded(metrics, path, tracker):
-        _scan(cfg, run_dir, metrics)
+        _scan(cfg, run_dir, metrics, qmodel)
     if tracker is not None:
         tracker.log({f"sensitivity/{r['group']}/{k}": r[k] for r in metrics["groups"] if not r.get("skipped")
-                     for k in ("cost_float", "cost_high", "float_kl", "high_kl")})
+                     for k in ("cost_float", "cost_high", "float_kl", "high_kl") if r[k] is not None})
         tracker.log_image("sensitivity/plot", run_dir / PLOT_FILE)
         tracker.finish({**metrics, "groups": {r["group"]: {k: v for k, v in r.items() if k != "group"}
                                               for r in metrics["groups"]}})
     return metrics
 
 
-def _scan(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
+def _scan(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], finished: QuantModel | None = None) -> None:
     device, cache = setup(cfg)
     seconds, cached = metrics["seconds"], metrics["cached"]
     if metrics["rounding"]:
@@ -125,8 +156,11 @@ def _scan(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     fp_logits, labels = float_baseline(ecfg, fp_model, loader, device, cache, cached)
     metrics["float"] = {"acc1": topk_accuracy(fp_logits, labels, (1,))[0]}
     metrics["n_eval"] = int(labels.numel())
-    with stage(seconds, "calibrate"):
-        qmodel = calibrated(cfg, fp_model, calib_source, device, cache, cached)
+    if finished is not None:  # its steps and weights are the run's; no calibration histograms to raise a group from
+        qmodel = finished.to(device)
+    else:
+        with stage(seconds, "calibrate"):
+            qmodel = calibrated(cfg, fp_model, calib_source, device, cache, cached)
 
     def measure(desc: str) -> tuple[dict[str, float], Tensor]:
         logits, _ = predict(qmodel, loader, device, desc)
@@ -134,7 +168,8 @@ def _scan(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
 
     with stage(seconds, "scan"):
         metrics["baseline"], before = measure("baseline")
-        metrics["groups"] = scan_groups(qmodel, measure, int(cfg.sensitivity.high_bits), metrics["baseline"])
+        high_bits = None if finished is not None else int(cfg.sensitivity.high_bits)
+        metrics["groups"] = scan_groups(qmodel, measure, high_bits, metrics["baseline"])
         _, after = measure("baseline again")
     if not torch.equal(before, after):
         raise RuntimeError("the scan did not restore the model: baseline logits differ after it")
