@@ -22,7 +22,7 @@ from ptq.config import CODED_ROLES
 from ptq.data import build as data_build
 from ptq.quant import reparam
 from ptq.quant.vit import QuantModel
-from ptq.runspec import data_identity, model_identity
+from ptq.runspec import data_identity, image_bits_of, model_identity
 
 
 @torch.no_grad()
@@ -90,8 +90,8 @@ def search_spec(cfg: Any) -> dict[str, Any]:
         spec["ln_reparam"] = {"alpha": float(aq.ln_reparam_alpha)}
     if aq.kernel_in_bits is not None:
         spec["kernel_in_bits"] = int(aq.kernel_in_bits)
-    if aq.image_bits is not None:
-        spec["image_bits"] = int(aq.image_bits)
+    if image_bits_of(cfg) is not None:  # only where it changes a quantizer: the same calibration, the same key
+        spec["image_bits"] = image_bits_of(cfg)
     twins = [k for k in CODED_ROLES if aq.get(k, "uniform") == "twin"]
     if twins:  # twin quantizers fill a histogram even with movavg steps
         spec["twin"] = twins

@@ -114,11 +114,8 @@ def _check_sum(path: Path, run_dir: Path) -> None:
         raise NotVerifiable(f"{path} is damaged (its SHA-256 differs from {sums.name}); {_rewrite_hint(run_dir)}")
 
 
-def load_run_model(run_dir: Path | str, integer: bool = True) -> tuple[QuantModel, DictConfig, dict[str, Any]]:
-    """The run's ``QuantModel`` (CPU, quant mode), its config and its logits fingerprint; NotVerifiable if none.
-
-    ``integer``: only a ``nonlinear=ivit`` run has an integer program; the QDQ export takes any run.
-    """
+def check_run_state(run_dir: Path | str, integer: bool = True) -> Path:
+    """The finished run's ``quant_state.pt``, its checksum verified; NotVerifiable if there is none (nothing loaded)."""
     run_dir = Path(run_dir)
     _check_run_dir(run_dir, integer)
     path = run_dir / QUANT_STATE_FILE
@@ -126,6 +123,16 @@ def load_run_model(run_dir: Path | str, integer: bool = True) -> tuple[QuantMode
         raise NotVerifiable(f"{path} not found: the run predates quant_state.pt or quantized nothing; rerun its "
                             "command (python -m ptq.main ...) to write it")
     _check_sum(path, run_dir)
+    return path
+
+
+def load_run_model(run_dir: Path | str, integer: bool = True) -> tuple[QuantModel, DictConfig, dict[str, Any]]:
+    """The run's ``QuantModel`` (CPU, quant mode), its config and its logits fingerprint; NotVerifiable if none.
+
+    ``integer``: only a ``nonlinear=ivit`` run has an integer program; the QDQ export takes any run.
+    """
+    run_dir = Path(run_dir)
+    path = check_run_state(run_dir, integer)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

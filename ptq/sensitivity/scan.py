@@ -49,10 +49,10 @@ def check(cfg: DictConfig) -> None:
     """ConfigError for a config with nothing to scan (no weight and no activation quantizer), or a
     ``sensitivity.run`` that is not a finished run with its quantized state."""
     if cfg.sensitivity.run:
-        from ptq.intexec.rebuild import NotVerifiable, load_run_model
+        from ptq.intexec.rebuild import NotVerifiable, check_run_state
 
         try:
-            load_run_model(cfg.sensitivity.run, integer=False)
+            check_run_state(cfg.sensitivity.run, integer=False)  # the model itself is loaded once, by the scan
         except NotVerifiable as exc:
             raise ConfigError(f"sensitivity.run: {exc}") from None
         return
