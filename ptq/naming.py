@@ -12,7 +12,7 @@ A *row* is the dict stored under ``metrics.json["row"]``::
      "softmax": {"n": 15, "out_bits": 8}, "gelu": {"n": 23, "sig_bits": 8},
      "idadd_bits": 16}
 
-plus ``"ln_reparam": True``, ``"kernel_in_bits": 8``, ``softmax["log2"] = True``, ``"probs": "logsqrt2" | "twin"``,
+plus ``"ln_reparam": True`` (with ``"ln_reparam_alpha": 0.5`` below full strength: ``lnrep0.5``), ``"kernel_in_bits": 8``, ``softmax["log2"] = True``, ``"probs": "logsqrt2" | "twin"``,
 ``"gelu_out": "twin"``, ``"scores": "twin"`` (docs/act-quantizers.md), ``"qdrop": 0.5`` (AdaRound's QDrop probability) and
 ``"recon_loss": "fisher"``, ``"image_bits": 8``, ``"adaround_init": "gptq"`` when those options are on, and
 ``"gptq": {"damp": 0.01, "act_order": False}`` for wquant=gptq (named ``W4A8-gptq[-actorder][-damp0.1]-...``:
@@ -63,7 +63,7 @@ def row_name(row: Mapping[str, Any]) -> str:
     if row.get("aquant") in ("mse", "percentile"):
         parts.append(str(row["aquant"]))
     if row.get("ln_reparam"):
-        parts.append("lnrep")
+        parts.append(f"lnrep{row.get('ln_reparam_alpha', '')}")
     if row.get("kernel_in_bits"):
         parts.append(f"k{row['kernel_in_bits']}")
     if row.get("image_bits"):

@@ -34,7 +34,7 @@ def resolve_device(name: str) -> torch.device:
 def row_of(cfg: Any) -> dict[str, Any]:
     """The config fields that name this run's results-table row (see ptq.naming).
 
-    Options added later (``ln_reparam``, ``kernel_in_bits``, ``softmax.log2``, ``probs``, ``gelu_out``,
+    Options added later (``ln_reparam`` and its ``ln_reparam_alpha`` below 1, ``kernel_in_bits``, ``softmax.log2``, ``probs``, ``gelu_out``,
     AdaRound's ``qdrop``, ``recon_loss`` and ``adaround_init``) appear only when on, and ``gptq`` (damping,
     act_order) only for wquant=gptq and adaround.init=gptq, so earlier
     runs' rows (and names) stay what they were.
@@ -56,6 +56,8 @@ def row_of(cfg: Any) -> dict[str, Any]:
     }
     if cfg.aquant.ln_reparam:
         row["ln_reparam"] = True
+        if float(cfg.aquant.ln_reparam_alpha) != 1.0:  # full strength unnamed, as before alpha was a key
+            row["ln_reparam_alpha"] = float(cfg.aquant.ln_reparam_alpha)
     if cfg.aquant.kernel_in_bits is not None and cfg.aquant.name != "none" and cfg.aquant.kernel_in_bits != cfg.abits:
         row["kernel_in_bits"] = int(cfg.aquant.kernel_in_bits)
     if image_bits_of(cfg) is not None:

@@ -149,12 +149,16 @@ def test_experiment_configs_compose_to_their_rows(compose_cfg) -> None:
     assert names["abs_w4a32"] == "W4A32-absmax-fp"
     assert names["abs_w4a4_ivit"] == "W4A4-absmax-ivit"
     assert names["adaround_block_w4a8_ivit"] == "W4A8-adaround-block-lsq-ivit"
-    assert names["w4a4_best"] == "W4A4-adaround-block-lsq-qdrop0.5-mse-k8-gtwin-ivit"
-    # the recipe is the ablation bundle of docs/results.md (w4a4_recipe), key for key
-    recipe, bundle = (compose_cfg("experiment=w4a4_best"),
-                      compose_cfg("+ablation=adaround_gtwin_qdrop_cal2k", "nonlinear=ivit", "wbits=4", "abits=4"))
+    assert names["w4a4_best"] == "W4A4-adaround-block-lsq-qdrop0.5-mse-lnrep0.5-k8-img8-gtwin-ivit"
+    # the recipe is the third screen's measured configuration of docs/results.md (w4a4_screen3), key for key
+    screened = ("+ablation=adaround_gtwin_qdrop_cal2k", "nonlinear=ivit", "wbits=4", "abits=4", "aquant.image_bits=8",
+                "aquant.ln_reparam=true", "aquant.ln_reparam_alpha=0.5")
+    recipe, bundle = compose_cfg("experiment=w4a4_best"), compose_cfg(*screened)
     for key in ("wquant", "aquant", "nonlinear", "granularity", "adaround", "lsq", "wbits", "abits"):
         assert recipe[key] == bundle[key], key
+    # LN reparameterisation at full strength keeps its earlier name; any other strength is named by it
+    full = runspec.row_of(compose_cfg(*screened[:-1]))
+    assert "ln_reparam_alpha" not in full and row_name(full).endswith("-mse-lnrep-k8-img8-gtwin-ivit")
     assert row_name(runspec.row_of(compose_cfg("experiment=abs_w8a32", "wbits=4"))) == "W4A32-absmax-fp"
 
 

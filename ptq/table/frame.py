@@ -55,7 +55,7 @@ def _labels(row: Mapping[str, Any]) -> dict[str, Any]:
         if wq == "adaround" and row.get("lsq"):
             al = "LSQ" if aq == "movavg" else f"LSQ({al})"
         if row.get("ln_reparam"):
-            al += "+RepLN"
+            al += f"+RepLN{row.get('ln_reparam_alpha', '')}"
         if row.get("kernel_in_bits"):
             al += f"+K{row['kernel_in_bits']}"
         if row.get("image_bits"):
