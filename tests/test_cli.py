@@ -156,6 +156,8 @@ def test_experiment_configs_compose_to_their_rows(compose_cfg) -> None:
     recipe, bundle = compose_cfg("experiment=w4a4_best"), compose_cfg(*screened)
     for key in ("wquant", "aquant", "nonlinear", "granularity", "adaround", "lsq", "wbits", "abits"):
         assert recipe[key] == bundle[key], key
+    quick = compose_cfg("experiment=w4a4_best", "debug=quick")  # debug wins over an experiment's budget
+    assert (quick.adaround.iters, quick.adaround.calib_images) == (20, 64) and quick.wbits == 4
     # LN reparameterisation at full strength keeps its earlier name; any other strength is named by it
     full = runspec.row_of(compose_cfg(*screened[:-1]))
     assert "ln_reparam_alpha" not in full and row_name(full).endswith("-mse-lnrep-k8-img8-gtwin-ivit")
