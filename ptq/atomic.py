@@ -47,6 +47,7 @@ BLOCK_PAGES: dict[str, str] = {
     "w4a4_recipe": "docs/results.md",
     "w4a4_screen2": "docs/results.md",
     "w4a4_screen3": "docs/results.md",
+    "w4a4_cpu": "docs/results.md",
     "softmax_in": "docs/act-quantizers.md",
     "actq": "docs/act-quantizers.md",
     "rounding_lr": "docs/sweeps.md",
