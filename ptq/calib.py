@@ -90,8 +90,8 @@ def search_spec(cfg: Any) -> dict[str, Any]:
         spec["ln_reparam"] = {"alpha": float(aq.ln_reparam_alpha)}
     if aq.kernel_in_bits is not None:
         spec["kernel_in_bits"] = int(aq.kernel_in_bits)
-    if image_bits_of(cfg) is not None:  # only where it changes a quantizer: the same calibration, the same key
-        spec["image_bits"] = image_bits_of(cfg)
+    if (image_bits := image_bits_of(cfg)) is not None:  # only where it changes a quantizer: same calibration, same key
+        spec["image_bits"] = image_bits
     twins = [k for k in CODED_ROLES if aq.get(k, "uniform") == "twin"]
     if twins:  # twin quantizers fill a histogram even with movavg steps
         spec["twin"] = twins

@@ -60,8 +60,8 @@ def row_of(cfg: Any) -> dict[str, Any]:
             row["ln_reparam_alpha"] = float(cfg.aquant.ln_reparam_alpha)
     if cfg.aquant.kernel_in_bits is not None and cfg.aquant.name != "none" and cfg.aquant.kernel_in_bits != cfg.abits:
         row["kernel_in_bits"] = int(cfg.aquant.kernel_in_bits)
-    if image_bits_of(cfg) is not None:
-        row["image_bits"] = image_bits_of(cfg)
+    if (image_bits := image_bits_of(cfg)) is not None:
+        row["image_bits"] = image_bits
     if cfg.nonlinear.softmax.log2 or cfg.aquant.probs == "log2":
         row["softmax"]["log2"] = True
     elif cfg.aquant.probs != "uniform":

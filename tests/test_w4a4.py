@@ -207,14 +207,11 @@ def test_image_bits_sets_only_the_input_image_quantizer(compose_cfg) -> None:
         validate(compose_cfg("aquant.image_bits=1"))
 
 
-def test_the_w4a4_recipe_exports_bit_exact(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_w4a4_recipe_exports_bit_exact(run_cli, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """experiment=w4a4_best (8-bit image, LN factors at half strength, GELU twin codes, QDrop): exported,
     verified on onnxruntime at 0 mismatches, rebuilt from quant_state.pt and re-verified."""
     run = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "ptq.main", "experiment=w4a4_best", "debug=quick",
-                           "data.eval_images=64", "export=true", f"hydra.run.dir={run}", f"cache_dir={tmp_path / 'c'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    proc = run_cli("experiment=w4a4_best", "debug=quick", "data.eval_images=64", "export=true", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     assert m["name"] == "W4A4-adaround-block-lsq-qdrop0.5-mse-lnrep0.5-k8-img8-gtwin-ivit"
